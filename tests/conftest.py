@@ -1,0 +1,27 @@
+"""Test setup: 8 simulated CPU devices and a persistent compilation cache.
+
+The XLA flag must be set before JAX initialises its backends, so it is set here at import time. Tests that do not
+shard anything simply run on the first device.
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # pylint: disable=g-import-not-at-top
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
+sys.path.insert(0, str(REPO_ROOT))
+
+# Compiling dominates small tests on a 2-core CPU; the cache makes repeated compilations (within a run and across
+# runs on the same machine) cheap.
+jax.config.update('jax_compilation_cache_dir', os.environ.get(
+    'FFSD_TEST_COMPILATION_CACHE', str(pathlib.Path.home() / '.cache' / 'ffsd_jax_test_xla')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
