@@ -29,6 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 32
   config.num_data_workers = 0  # grain worker processes; 0 decodes in the main process.
   config.synthetic_num_train_examples = 50_000  # Only for dataset='synthetic'.
+  config.synthetic_num_eval_examples = 10_000  # Only for dataset='synthetic'.
+  config.tfds_name = None  # Read a TFDS dataset prepared under another name (e.g. 'cifar10_jpeg').
+  config.normalization = None  # 'cifar100' | 'cifar10' | 'imagenet' for image folders / synthetic; None = by size.
+  config.data_cache_dir = None  # Where decoded CIFAR-size arrays are cached; None = the data code's default.
+  config.eval_resize_size = None  # ImageNet-style eval: resize to this, then centre-crop; None = size·256/224.
 
   # Optimisation (reference §8).
   config.batch_size = 128  # Global batch over all devices and hosts.

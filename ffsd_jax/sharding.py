@@ -1,0 +1,110 @@
+"""The device mesh, shardings and global batches built from per-process data.
+
+Data parallelism only: parameters and optimizer state are replicated on every device, the batch is sharded on the
+'data' axis, and one plain `jax.jit` with in/out shardings runs the whole FFSD step. There are no manual collectives:
+the compiler inserts the gradient all-reduce, and batch norm's mean/variance over the batch axis become global-batch
+statistics (the same numbers as one device with the whole batch).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+
+DATA_AXIS = 'data'
+
+
+def maybe_initialize_distributed(config: Any = None) -> bool:
+  """Calls `jax.distributed.initialize()` when the config or the launcher's environment asks for it.
+
+  The environment asks when `JAX_COORDINATOR_ADDRESS` is set (then `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` give the
+  process count and index, e.g. for several processes on one machine), or under Slurm / Open MPI with more than one
+  task (JAX detects those itself). On TPU pods set `config.distributed=True`.
+
+  Returns:
+    True when the distributed runtime is (now) initialised.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  env = os.environ
+  coordinator = env.get('JAX_COORDINATOR_ADDRESS')
+  slurm = int(env.get('SLURM_NTASKS', '1') or 1) > 1 and 'SLURM_JOB_ID' in env
+  mpi = int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1
+  wanted = bool(config is not None and config.get('distributed', False))
+  if not (wanted or coordinator or slurm or mpi):
+    return False
+  kwargs = {}
+  if coordinator and 'JAX_NUM_PROCESSES' in env:
+    kwargs = dict(coordinator_address=coordinator, num_processes=int(env['JAX_NUM_PROCESSES']),
+                  process_id=int(env['JAX_PROCESS_ID']))
+  jax.distributed.initialize(**kwargs)
+  logging.info('jax.distributed initialised: process %d of %d, %d local / %d global devices.',
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
+def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh over all (or the given) devices with one 'data' axis.
+
+  The axis type is given explicitly (Auto): the step is plain `jax.jit` with in/out shardings and the compiler
+  propagates the rest, so the model code needs no sharding annotations.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The sharding of parameters, optimizer state and metrics: a full copy on every device."""
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The sharding of batches: the leading (batch) axis split over the 'data' axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, name: str = 'batch_size') -> int:
+  """Checks that a global batch splits evenly over the devices and processes; returns the per-process batch size.
+
+  Raises:
+    ValueError: naming the batch size, the device and process counts and the fix.
+  """
+  num_devices = mesh.devices.size
+  if global_batch_size <= 0 or global_batch_size % num_devices:
+    raise ValueError(
+        f'config.{name}={global_batch_size} is not divisible by the number of devices ({num_devices}); the global '
+        f'batch is split evenly over the devices of the mesh. Use a multiple of {num_devices}, e.g. '
+        f'--config.{name}={max(1, round(global_batch_size / num_devices)) * num_devices}.')
+  return global_batch_size // jax.process_count()
+
+
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """Assembles global batch-sharded arrays from this process's NumPy batch (every process reads its own shard)."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def create_sharded(init_fn: Callable[[], Any], mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """Creates a replicated pytree (e.g. the train state) directly in its sharding, shapes before memory.
+
+  `jax.eval_shape` gives the abstract tree without allocating it; `jax.jit(init_fn, out_shardings=...)` then builds
+  every leaf where it lives.
+
+  Returns:
+    (tree, abstract_tree) where abstract_tree holds `jax.ShapeDtypeStruct`s with shardings (a restore target).
+  """
+  abstract = abstract_with_sharding(jax.eval_shape(init_fn), mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  tree = jax.jit(init_fn, out_shardings=shardings)()
+  return tree, abstract
+
+
+def abstract_with_sharding(abstract_tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Attaches the replicated sharding to every leaf of an abstract (`jax.eval_shape`) tree."""
+  sharding = replicated_sharding(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree)

@@ -1,0 +1,341 @@
+"""The training loop: `train_and_evaluate(config, workdir)` and the leader evaluation `evaluate(config, workdir)`.
+
+One `jax.jit`-ed step (all students, the fusion module, the leader and the decoders) runs on a data-parallel mesh
+with the train state replicated and donated. Metrics are summed on the device inside the jitted step and fetched to
+the host only every `config.log_every_steps` steps, so the loop never waits on the device in between.
+
+Exact resume: a checkpoint holds the train state, every process's data-iterator state and the loop state (the
+metric sums of the unfinished logging window and the best leader top-1), so a run stopped at step k (SIGTERM) and
+resumed continues with the same batches, the same parameters and the same logged metrics as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from ffsd_jax import checkpointing
+from ffsd_jax import metric_writers
+from ffsd_jax import sharding
+
+EVAL_LEADER_FILE = 'eval_leader.json'
+SUMMARY_FILE = 'summary.json'
+
+
+def _data():
+  from ffsd_jax import data  # pylint: disable=g-import-not-at-top
+  return data
+
+
+def _train_state():
+  from ffsd_jax import train_state  # pylint: disable=g-import-not-at-top
+  return train_state
+
+
+def _train_step():
+  from ffsd_jax import train_step  # pylint: disable=g-import-not-at-top
+  return train_step
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM (a preemption notice); the loop checks it after each step, saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning('SIGTERM received: saving a checkpoint after the current step, then exiting.')
+    self.requested = True
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _is_leader_process() -> bool:
+  return jax.process_index() == 0
+
+
+def _to_host(tree: Any) -> Any:
+  """Fetches replicated arrays to NumPy (works on every process: it reads the local copy)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
+                      tree)
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def _setup(config: ml_collections.ConfigDict):
+  """Distributed runtime, mesh, dataset info, model and the abstract (sharded) train state."""
+  sharding.maybe_initialize_distributed(config)
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(config.batch_size, mesh, 'batch_size')
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  info = _data().get_dataset_info(config)
+  steps_per_epoch = info.num_train_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f'config.batch_size={config.batch_size} is larger than the training set '
+                     f'({info.num_train_examples} examples); lower it.')
+  model = _train_state().create_model(config)
+  init_rng = jax.random.key(config.seed)
+
+  def init_fn():
+    return _train_state().create_train_state(config, model, init_rng, steps_per_epoch)
+
+  abstract_state = sharding.abstract_with_sharding(jax.eval_shape(init_fn), mesh)
+  return mesh, info, model, steps_per_epoch, init_fn, abstract_state
+
+
+def _eval_loop(eval_fn: Callable[..., Any], variables: Any, config: ml_collections.ConfigDict, info: Any,
+               mesh: jax.sharding.Mesh, desc: str) -> dict[str, float]:
+  """Runs `eval_fn(variables, batch) -> sums` over the whole eval split; returns the host sums."""
+  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+  sums = None
+  num_batches = math.ceil(info.num_eval_examples / config.eval_batch_size)
+  batches = _data().create_eval_batches(config, global_batch_size=config.eval_batch_size,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+  for local_batch in tqdm(batches, total=num_batches, desc=desc, leave=False, disable=None if
+                          _is_leader_process() else True):
+    out = eval_fn(variables, sharding.make_global_batch(local_batch, mesh))
+    sums = out if sums is None else add(sums, out)
+  return {k: float(v) for k, v in _to_host(sums).items()}
+
+
+def _eval_results(sums: dict[str, float], with_top5: bool) -> dict[str, float]:
+  """Top-1 (and top-5) in percent for every network in the eval step's sums."""
+  count = sums['count']
+  results = {}
+  for name, value in sums.items():
+    if name.startswith('correct/'):
+      results[f'eval/top1/{name[len("correct/"):]}'] = 100.0 * value / count
+    elif name.startswith('correct_top5/') and with_top5:
+      results[f'eval/top5/{name[len("correct_top5/"):]}'] = 100.0 * value / count
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains FFSD (or the `dml` / `independent` baselines) and evaluates every network after each epoch.
+
+  Resumes automatically from the latest checkpoint in `workdir/checkpoints`. Stops cleanly (after saving) on SIGTERM.
+
+  Returns:
+    A summary: final step, whether the run was preempted, the leader's best and last top-1 (percent).
+  """
+  mesh, info, model, steps_per_epoch, init_fn, abstract_state = _setup(config)
+  total_steps = config.max_steps if config.max_steps > 0 else config.num_epochs * steps_per_epoch
+  num_epochs = math.ceil(total_steps / steps_per_epoch)
+  with_top5 = info.num_classes >= 1000 or config.get('eval_top5', False)
+  replicated = sharding.replicated_sharding(mesh)
+  batch_sharded = sharding.batch_sharding(mesh)
+  local_batch_size = config.batch_size // jax.process_count()
+
+  manager = checkpointing.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+  best_manager = checkpointing.create_manager(workdir, best=True)
+  # Refuse a workdir of another architecture before anything is written (the best manager would replace its one
+  # checkpoint on the first improvement).
+  if best_manager.latest_step() is not None:
+    checkpointing.check_architecture(best_manager, best_manager.latest_step(), config)
+
+  train_iter = _data().create_train_iterator(
+      config, global_batch_size=config.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.seed)
+  latest = manager.latest_step()
+  if latest is not None:
+    state, iterator_state, loop_state = checkpointing.restore(manager, latest, abstract_state, config)
+    if iterator_state:
+      train_iter.set_state(iterator_state)
+    logging.info('Resuming from step %d in %s.', latest, workdir)
+  else:
+    state = jax.jit(init_fn, out_shardings=jax.tree.map(lambda x: x.sharding, abstract_state))()
+    loop_state = {}
+  step = int(_to_host(state.step))
+
+  if _is_leader_process():
+    from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+    logging.info('Parameters (%s, method %s, %d students):\n%s', config.model, config.method, config.num_students,
+                 parameter_overview.get_parameter_overview(abstract_state.params, include_stats=False))
+    logging.info('%d devices (%d processes), global batch %d, %d steps per epoch, %d steps in all.',
+                 jax.device_count(), jax.process_count(), config.batch_size, steps_per_epoch, total_steps)
+
+  # The jitted step: train_step plus the on-device sum of its metrics over the logging window.
+  train_step = _train_step().make_train_step(model, config, steps_per_epoch, info.mean_std)
+  abstract_batch = {
+      'image': jax.ShapeDtypeStruct((config.batch_size, info.image_size, info.image_size, 3), jnp.uint8),
+      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+  metric_shapes = jax.eval_shape(train_step, abstract_state, abstract_batch)[1]
+
+  def step_and_accumulate(state, metric_sums, batch):
+    state, metrics = train_step(state, batch)
+    metric_sums = jax.tree.map(lambda s, m: s + m.astype(jnp.float32), metric_sums, metrics)
+    return state, metric_sums
+
+  jitted_step = jax.jit(step_and_accumulate, in_shardings=(replicated, replicated, batch_sharded),
+                        out_shardings=(replicated, replicated), donate_argnums=(0, 1))
+  eval_step = jax.jit(_train_step().make_eval_step(model, config, info.mean_std),
+                      in_shardings=(replicated, batch_sharded), out_shardings=replicated)
+
+  def metric_sums_from(values: dict[str, float] | None):
+    values = values or {}
+    return jax.device_put({k: np.float32(values.get(k, 0.0)) for k in metric_shapes}, replicated)
+
+  metric_sums = metric_sums_from(loop_state.get('metric_sums'))
+  window_steps = int(loop_state.get('window_steps', 0))
+  best_leader_top1 = loop_state.get('best_leader_top1', -1.0)
+  last_eval: dict[str, float] = loop_state.get('last_eval', {})
+
+  writer = metric_writers.MetricWriter(workdir, resume_step=step if latest is not None else None)
+  preemption = _PreemptionFlag()
+  check_finite = _train_step().check_finite
+
+  def fetch_window() -> dict[str, float]:
+    return {k: float(v) for k, v in _to_host(metric_sums).items()}
+
+  def save(target_manager, at_step: int) -> None:
+    if window_steps:
+      # Never save a NaN state: the unfinished logging window is checked too.
+      check_finite({k: v / window_steps for k, v in fetch_window().items()})
+    loop = {'metric_sums': fetch_window(), 'window_steps': window_steps, 'best_leader_top1': best_leader_top1,
+            'last_eval': last_eval}
+    checkpointing.save(target_manager, at_step, state,
+                       iterator_states=checkpointing.gather_iterator_states(train_iter.get_state()),
+                       loop_state=loop, config=config)
+
+  epoch_bar = tqdm(total=num_epochs, initial=step // steps_per_epoch, desc='epochs', unit='epoch',
+                   disable=None if _is_leader_process() else True)
+  window_start_time, window_start_step = time.time(), step
+  preempted = agreed_preemption = False
+  try:
+    while step < total_steps:
+      local_batch = next(train_iter)
+      _train_step().validate_batch(local_batch, num_classes=info.num_classes, batch_size=local_batch_size)
+      state, metric_sums = jitted_step(state, metric_sums, sharding.make_global_batch(local_batch, mesh))
+      step += 1
+      window_steps += 1
+      epoch = step / steps_per_epoch
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        averages = {k: v / window_steps for k, v in fetch_window().items()}
+        check_finite(averages)  # Stops the run naming the non-finite term, before any checkpoint of it.
+        now = time.time()
+        steps_per_sec = (step - window_start_step) / max(now - window_start_time, 1e-9)
+        window_start_time, window_start_step = now, step
+        writer.write_scalars(step, {**averages, 'steps_per_sec': steps_per_sec}, epoch=epoch)
+        writer.flush()
+        if _is_leader_process():
+          logging.info('epoch %d/%d step %d/%d | loss %.4f | %.2f steps/s, %.1f images/s | ETA %s',
+                       math.ceil(epoch), num_epochs, step, total_steps, averages.get('loss/total', float('nan')),
+                       steps_per_sec, steps_per_sec * config.batch_size,
+                       _format_eta((total_steps - step) / max(steps_per_sec, 1e-9)))
+        metric_sums = metric_sums_from(None)
+        window_steps = 0
+        if jax.process_count() > 1:
+          # Every process must stop at the same step: agree on the flag at the logging points.
+          from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+          agreed_preemption = bool(np.any(multihost_utils.process_allgather(np.array(preemption.requested))))
+
+      epoch_end = step % steps_per_epoch == 0
+      if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps:
+        sums = _eval_loop(eval_step, state, config, info, mesh, desc=f'eval epoch {math.ceil(epoch)}')
+        last_eval = _eval_results(sums, with_top5)
+        leader_top1 = last_eval['eval/top1/leader']
+        improved = leader_top1 > best_leader_top1
+        best_leader_top1 = max(best_leader_top1, leader_top1)
+        writer.write_scalars(step, {**last_eval, 'eval/best_top1/leader': best_leader_top1}, epoch=epoch)
+        writer.flush()
+        if _is_leader_process():
+          logging.info('eval after epoch %.2f (step %d): %s | leader best %.2f', epoch, step,
+                       ', '.join(f'{k[len("eval/"):]} {v:.2f}' for k, v in sorted(last_eval.items())),
+                       best_leader_top1)
+        if improved:
+          save(best_manager, step)
+      if epoch_end:
+        epoch_bar.update(1)
+
+      preempted = preemption.requested if jax.process_count() == 1 else agreed_preemption
+      if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
+        save(manager, step)
+      if preempted:
+        logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved. Rerun the same command to '
+                        'resume.', step)
+        break
+  finally:
+    epoch_bar.close()
+    preemption.close()
+    manager.wait_until_finished()
+    best_manager.wait_until_finished()
+    manager.close()
+    best_manager.close()
+    writer.close()
+
+  summary = {'step': step, 'total_steps': total_steps, 'preempted': preempted,
+             'best_leader_top1': best_leader_top1, 'last_leader_top1': last_eval.get('eval/top1/leader'),
+             'last_eval': last_eval}
+  if _is_leader_process() and not preempted:
+    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best'):
+  """Restores the train state of the best (or latest) checkpoint in `workdir`.
+
+  Returns:
+    (state, step, checkpoint_path, mesh, dataset_info).
+  """
+  if checkpoint not in ('best', 'latest'):
+    raise ValueError(f'Unknown checkpoint {checkpoint!r}; valid choices: best, latest.')
+  mesh, info, _, _, _, abstract_state = _setup(config)
+  manager = checkpointing.create_manager(workdir, best=checkpoint == 'best', read_only=True)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f'No {checkpoint} checkpoint in {manager.directory}; train first with '
+        f'`python main.py --config ... --workdir {workdir}`' +
+        (', or pass --checkpoint=latest.' if checkpoint == 'best' else '.'))
+  state = checkpointing.restore_state_only(manager, step, abstract_state, config)
+  path = checkpointing.checkpoint_path(manager, step)
+  manager.close()
+  return state, step, path, mesh, info
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best') -> dict[str, Any]:
+  """Evaluates the leader alone (the deployed network) from the best or latest checkpoint.
+
+  Writes `workdir/eval_leader.json` with top-1 and top-5 (percent), the step and the checkpoint path.
+  """
+  state, step, path, mesh, info = restore_for_inference(config, workdir, checkpoint)
+  replicated = sharding.replicated_sharding(mesh)
+  leader_eval = jax.jit(_train_step().make_leader_eval_step(config, info.mean_std),
+                        in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
+  leader = {'params': state.params['leader'], 'batch_stats': state.batch_stats['leader']}
+  sums = _eval_loop(leader_eval, leader, config, info, mesh, desc='eval leader')
+  count = sums['count']
+  top1 = [v for k, v in sums.items() if k == 'correct' or k.startswith('correct/')]
+  top5 = [v for k, v in sums.items() if k == 'correct_top5' or k.startswith('correct_top5/')]
+  result = {'top1': 100.0 * top1[0] / count, 'top5': 100.0 * top5[0] / count if top5 else None,
+            'num_examples': int(count), 'step': int(step), 'checkpoint': path, 'model': config.model}
+  if _is_leader_process():
+    with open(os.path.join(workdir, EVAL_LEADER_FILE), 'w') as f:
+      json.dump(result, f, indent=2)
+    logging.info('Leader (%s) from %s: top-1 %.2f%%%s', config.model, path, result['top1'],
+                 f', top-5 {result["top5"]:.2f}%' if top5 else '')
+  return result

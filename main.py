@@ -1,0 +1,40 @@
+"""FFSD in JAX: train, evaluate the leader, or export it.
+
+  python main.py --config configs/cifar100_resnet32.py --workdir /tmp/ffsd_r32            # train (resumes if possible)
+  python main.py --config configs/cifar100_resnet32.py --workdir /tmp/ffsd_r32 --mode eval [--checkpoint latest]
+  python main.py --config configs/cifar100_resnet32.py --workdir /tmp/ffsd_r32 --mode export
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ffsd_jax import export
+from ffsd_jax import train_loop
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, metrics and exports.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
+                                'Which checkpoint --mode eval/export reads: the best leader top-1, or the latest.')
+_EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'Export folder for --mode export (default: WORKDIR/export).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  config = _CONFIG.value
+  if _MODE.value == 'train':
+    train_loop.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == 'eval':
+    train_loop.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+  else:
+    export.export_leader(config, _WORKDIR.value, export_dir=_EXPORT_DIR.value, checkpoint=_CHECKPOINT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
