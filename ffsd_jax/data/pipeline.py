@@ -1,0 +1,311 @@
+"""Deterministic, resumable, per-process training iterators and padded evaluation batches.
+
+Order of examples: epoch e uses the permutation `default_rng([seed, e]).permutation(N)`; global step s of the epoch
+takes permutation positions [s*G, (s+1)*G) (G = global batch; the last partial batch is dropped, so an epoch has
+N // G steps); process p takes the slice [p*L, (p+1)*L) of that global batch (L = G / process_count). Augmentation
+randomness is a function of (seed, epoch, global position) as well, so a global batch is the same whatever the number
+of processes. Batch k of the stream is therefore a pure function of k, and the iterator state is just k.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ffsd_jax.data import augment
+
+_PERMUTATION_STREAM = 0
+_AUGMENT_STREAM = 1
+
+
+class EpochOrder:
+  """Maps (epoch, global position) to an example index; keeps the last epoch's permutation."""
+
+  def __init__(self, num_examples: int, seed: int):
+    self.num_examples, self.seed = num_examples, seed
+    self._epoch, self._permutation = None, None
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._epoch:
+      rng = np.random.default_rng([self.seed, _PERMUTATION_STREAM, epoch])
+      self._epoch, self._permutation = epoch, rng.permutation(self.num_examples)
+    return self._permutation
+
+
+class _Layout:
+  """Batch geometry shared by the array and the grain training pipelines."""
+
+  def __init__(self, num_examples: int, global_batch_size: int, process_index: int, process_count: int):
+    if global_batch_size % process_count:
+      raise ValueError(f'global_batch_size={global_batch_size} must divide by process_count={process_count}.')
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
+    self.global_batch = global_batch_size
+    self.local_batch = global_batch_size // process_count
+    self.process_index = process_index
+    self.steps_per_epoch = num_examples // global_batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f'The training split has {num_examples} examples, fewer than one global batch '
+                       f'({global_batch_size}); lower config.batch_size.')
+
+  def batch_positions(self, batch: int) -> tuple[int, np.ndarray]:
+    """(epoch, global positions within the epoch's permutation) of this process's part of stream batch `batch`."""
+    epoch, step = divmod(batch, self.steps_per_epoch)
+    start = step * self.global_batch + self.process_index * self.local_batch
+    return epoch, np.arange(start, start + self.local_batch)
+
+
+class ResumableIterator:
+  """An endless iterator over `make_batch(k)` for k = 0, 1, ..., with a background prefetch thread.
+
+  `get_state()` returns {'next_batch': k} (JSON-serialisable): the index of the batch the next `next()` returns,
+  counting batches handed to the caller, not those prefetched. `set_state` restarts production there.
+  """
+
+  def __init__(self, make_batch: Callable[[int], dict[str, np.ndarray]], info: dict[str, Any],
+               prefetch: int = 2, stream_factory: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None):
+    self._make_batch = make_batch
+    self._stream_factory = stream_factory
+    self._info = info
+    self._prefetch = prefetch
+    self._next = 0
+    self._thread = None
+    self._queue = None
+    self._stop = None
+    self._sync_stream = None
+
+  def __iter__(self):
+    return self
+
+  def _stream(self, start: int) -> Iterator[dict[str, np.ndarray]]:
+    if self._stream_factory is not None:
+      return self._stream_factory(start)
+    return (self._make_batch(k) for k in _count(start))
+
+  def _start(self):
+    self._queue = queue.Queue(maxsize=max(1, self._prefetch))
+    self._stop = threading.Event()
+    stream, out, stop = self._stream(self._next), self._queue, self._stop
+
+    def produce():
+      try:
+        for batch in stream:
+          while not stop.is_set():
+            try:
+              out.put(('batch', batch), timeout=0.1)
+              break
+            except queue.Full:
+              continue
+          if stop.is_set():
+            break
+      except BaseException as error:  # Surface worker errors (e.g. an unreadable image) in the caller.
+        out.put(('error', error))
+
+    self._thread = threading.Thread(target=produce, daemon=True, name='ffsd-input')
+    self._thread.start()
+
+  def _halt(self):
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join(timeout=10)
+      self._thread = None
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._prefetch <= 0:
+      if self._sync_stream is None:
+        self._sync_stream = self._stream(self._next)
+      batch = next(self._sync_stream)
+    else:
+      if self._thread is None:
+        self._start()
+      kind, batch = self._queue.get()
+      if kind == 'error':
+        self._thread = None
+        raise batch
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable position of the stream (plus the settings it was made with, to check on restore)."""
+    return dict(self._info, next_batch=self._next)
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Continues with exactly the batches the iterator that produced `state` would have yielded next."""
+    for key, value in self._info.items():
+      if key in state and state[key] != value:
+        raise ValueError(f'Input-iterator state was saved with {key}={state[key]!r} but this run has {value!r}; '
+                         'exact resume needs the same dataset, batch size, seed and process layout.')
+    self.close()
+    self._next = int(state['next_batch'])
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self._info['steps_per_epoch']
+
+  def close(self):
+    """Stops the prefetch thread; iteration can continue (it restarts from the current position)."""
+    self._halt()
+    self._sync_stream = None
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def _count(start: int):
+  k = start
+  while True:
+    yield k
+    k += 1
+
+
+def array_train_iterator(images: np.ndarray, labels: np.ndarray, *, global_batch_size: int, process_index: int,
+                         process_count: int, seed: int, info: dict[str, Any], prefetch: int = 2
+                         ) -> ResumableIterator:
+  """CIFAR-style training batches from decoded arrays: gather, reflect-pad 4, random crop, flip; vectorised."""
+  layout = _Layout(len(images), global_batch_size, process_index, process_count)
+  order = EpochOrder(len(images), seed)
+  lock = threading.Lock()
+
+  def make_batch(k: int) -> dict[str, np.ndarray]:
+    epoch, positions = layout.batch_positions(k)
+    with lock:
+      indices = order.permutation(epoch)[positions]
+    # Draw the whole global batch's parameters and take this process's slice (process-count invariant).
+    rng = np.random.default_rng([seed, _AUGMENT_STREAM, k])
+    tops, lefts, flips = augment.cifar_augment_params(rng, layout.global_batch, images.shape[1])
+    part = slice(layout.process_index * layout.local_batch, (layout.process_index + 1) * layout.local_batch)
+    batch_images = augment.cifar_augment(images[indices], tops[part], lefts[part], flips[part])
+    return {'image': batch_images, 'label': labels[indices].astype(np.int32)}
+
+  info = dict(info, steps_per_epoch=layout.steps_per_epoch)
+  return ResumableIterator(make_batch, info, prefetch=prefetch)
+
+
+class _ImageNetTrainExample:
+  """Decodes and augments the example at one local stream position (runs in grain workers; picklable)."""
+
+  def __init__(self, reader, layout: _Layout, num_examples: int, seed: int, image_size: int):
+    self._reader, self._layout, self._seed, self._size = reader, layout, seed, image_size
+    self._order = EpochOrder(num_examples, seed)
+
+  def __call__(self, local_position: int) -> dict[str, np.ndarray]:
+    layout = self._layout
+    batch, j = divmod(int(local_position), layout.local_batch)
+    epoch, positions = layout.batch_positions(batch)
+    position = int(positions[j])
+    index = int(self._order.permutation(epoch)[position])
+    image, label = self._reader.read(index)
+    rng = np.random.default_rng([self._seed, _AUGMENT_STREAM, epoch, position])
+    return {'image': augment.imagenet_train_transform(image, rng, self._size), 'label': np.int32(label)}
+
+
+def _grain_stream(element_fn, start_position: int, stop_position: int, local_batch: int, num_workers: int,
+                  num_threads: int):
+  import grain  # pylint: disable=g-import-not-at-top
+  dataset = grain.MapDataset.range(start_position, stop_position).map(element_fn)
+  dataset = dataset.batch(local_batch, drop_remainder=True)
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local_batch))
+  if num_workers > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+  return iter(dataset)
+
+
+def grain_train_iterator(reader, num_examples: int, *, image_size: int, global_batch_size: int, process_index: int,
+                         process_count: int, seed: int, num_workers: int, info: dict[str, Any]
+                         ) -> ResumableIterator:
+  """ImageNet-style training batches: per-example PIL decode + RandomResizedCrop + flip in grain workers."""
+  layout = _Layout(num_examples, global_batch_size, process_index, process_count)
+  element_fn = _ImageNetTrainExample(reader, layout, num_examples, seed, image_size)
+  local_batch = layout.local_batch
+  # Threads decode in parallel in the main process when there are no worker processes (PIL releases the GIL).
+  num_threads = 16 if num_workers == 0 else 2
+
+  def stream_factory(start_batch: int):
+    return _grain_stream(element_fn, start_batch * local_batch, 2**62, local_batch, num_workers, num_threads)
+
+  def make_batch(k: int):
+    return next(stream_factory(k))
+
+  info = dict(info, steps_per_epoch=layout.steps_per_epoch)
+  return ResumableIterator(make_batch, info, prefetch=2, stream_factory=stream_factory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+class EvalLayout:
+  """Eval batch b on process p holds global positions b*G + p*L + j; positions >= N are padding (mask False)."""
+
+  def __init__(self, num_examples: int, global_batch_size: int, process_index: int, process_count: int):
+    if global_batch_size % process_count:
+      raise ValueError(f'eval global_batch_size={global_batch_size} must divide by process_count={process_count}.')
+    self.num_examples = num_examples
+    self.global_batch = global_batch_size
+    self.local_batch = global_batch_size // process_count
+    self.process_index = process_index
+    self.num_batches = -(-num_examples // global_batch_size)
+
+  def positions(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    start = batch * self.global_batch + self.process_index * self.local_batch
+    positions = np.arange(start, start + self.local_batch)
+    mask = positions < self.num_examples
+    return np.where(mask, positions, 0), mask
+
+
+class ArrayEvalBatches:
+  """Re-iterable padded eval batches from decoded arrays (no augmentation: CIFAR evaluates the raw image)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, layout: EvalLayout):
+    self._images, self._labels, self._layout = images, labels, layout
+
+  def __len__(self) -> int:
+    return self._layout.num_batches
+
+  def __iter__(self):
+    for b in range(self._layout.num_batches):
+      indices, mask = self._layout.positions(b)
+      images = self._images[indices]
+      images[~mask] = 0
+      labels = np.where(mask, self._labels[indices], 0).astype(np.int32)
+      yield {'image': images, 'label': labels, 'mask': mask}
+
+
+class _ImageNetEvalExample:
+  """Decodes + resizes + centre-crops one eval position (zeros with mask False for padding); picklable."""
+
+  def __init__(self, reader, layout: EvalLayout, image_size: int, resize_size: int):
+    self._reader, self._layout, self._size, self._resize = reader, layout, image_size, resize_size
+
+  def __call__(self, local_position: int) -> dict[str, np.ndarray]:
+    batch, j = divmod(int(local_position), self._layout.local_batch)
+    indices, mask = self._layout.positions(batch)
+    if not mask[j]:
+      return {'image': np.zeros((self._size, self._size, 3), np.uint8), 'label': np.int32(0), 'mask': np.bool_(False)}
+    image, label = self._reader.read(int(indices[j]))
+    return {'image': augment.imagenet_eval_transform(image, self._size, self._resize), 'label': np.int32(label),
+            'mask': np.bool_(True)}
+
+
+class GrainEvalBatches:
+  """Re-iterable padded eval batches decoded in grain workers."""
+
+  def __init__(self, reader, layout: EvalLayout, image_size: int, resize_size: int, num_workers: int):
+    self._element_fn = _ImageNetEvalExample(reader, layout, image_size, resize_size)
+    self._layout, self._num_workers = layout, num_workers
+
+  def __len__(self) -> int:
+    return self._layout.num_batches
+
+  def __iter__(self):
+    layout = self._layout
+    num_threads = 16 if self._num_workers == 0 else 2
+    return _grain_stream(self._element_fn, 0, layout.num_batches * layout.local_batch, layout.local_batch,
+                         self._num_workers, num_threads)
+

@@ -1,0 +1,324 @@
+"""Example sources: prepared TFDS datasets (ArrayRecord), image folders and a synthetic source.
+
+A source gives, per split, either all images decoded into one uint8 array (CIFAR-size data, decoded once and cached)
+or a picklable reader that decodes one example at a time (ImageNet-size data, decoded in grain workers). Images are
+always decoded with PIL, so that every path sees the same pixels. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pathlib
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+
+TFDS_DATASETS = ('cifar100', 'cifar10', 'imagenet2012')
+ALL_DATASETS = TFDS_DATASETS + ('image_folder', 'synthetic')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
+# Image folders with images at most this size use the CIFAR-style pipeline (decode once, pad-and-crop).
+SMALL_IMAGE_MAX_SIZE = 64
+_CACHE_FORMAT_VERSION = 1
+
+
+def decode_image(data: bytes | str | os.PathLike, what: str) -> PIL.Image.Image:
+  """Decodes encoded bytes or a file path into an RGB PIL image; errors name `what` (the file or record)."""
+  try:
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    with PIL.Image.open(source) as image:
+      return image.convert('RGB')
+  except Exception as error:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...).
+    raise ValueError(f'Cannot decode image {what}: {type(error).__name__}: {error}') from error
+
+
+def tfds_data_dir(config) -> str:
+  """The TFDS data_dir the config points at (the TFDS default when config.data_dir is None)."""
+  if config.get('data_dir'):
+    return os.path.expanduser(str(config.data_dir))
+  from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
+  return os.path.expanduser(constants.DATA_DIR)
+
+
+def tfds_name(config) -> str:
+  """The TFDS dataset to read: config.tfds_name (a dataset prepared from an image folder) or config.dataset."""
+  return config.get('tfds_name') or config.dataset
+
+
+def prepare_command(config) -> str:
+  """The exact command that prepares the dataset the config asks for."""
+  name = tfds_name(config)
+  data_dir = tfds_data_dir(config)
+  if name in TFDS_DATASETS:
+    extra = ' --manual_dir /path/to/imagenet_tars' if name == 'imagenet2012' else ''
+    return f'python scripts/prepare_data.py --dataset {name} --data_dir {data_dir}{extra}'
+  return f'python scripts/prepare_data.py --image_folder /path/to/root --name {name} --data_dir {data_dir}'
+
+
+def _check_tfds_prepared(config) -> None:
+  """Fails fast (before TFDS can start a download) when the dataset is not prepared under data_dir."""
+  name, data_dir = tfds_name(config), tfds_data_dir(config)
+  folder = pathlib.Path(data_dir) / name
+  prepared = folder.is_dir() and (any(folder.glob('*/dataset_info.json')) or any(folder.glob('*/*/dataset_info.json')))
+  if not prepared:
+    raise FileNotFoundError(
+        f'TFDS dataset {name!r} is not prepared in data_dir={data_dir!r} (no {folder}/<version>/dataset_info.json). '
+        f'Prepare it once with:\n  {prepare_command(config)}\n'
+        'or point --config.data_dir at the folder that holds it.')
+
+
+def open_tfds_split(config, split: str):
+  """Opens a prepared TFDS split as an ArrayRecord data source with undecoded images (never downloads)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, data_dir = tfds_name(config), tfds_data_dir(config)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+  except Exception as error:
+    raise FileNotFoundError(
+        f'Cannot open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r}: {error}\n'
+        f'Prepare it with:\n  {prepare_command(config)}') from error
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+  """What is known about one split without decoding it."""
+  num_examples: int
+  num_classes: int
+
+
+def _tfds_eval_split(splits: Sequence[str]) -> str:
+  for candidate in ('test', 'validation', 'val'):
+    if candidate in splits:
+      return candidate
+  raise ValueError(f'The dataset has no test/validation split; splits: {sorted(splits)}.')
+
+
+def tfds_splits(config) -> tuple[str, str, int, int, int]:
+  """(train split, eval split, num_train, num_eval, num_classes) of a prepared TFDS dataset."""
+  _check_tfds_prepared(config)
+  train = open_tfds_split(config, 'train')
+  info = train.dataset_info
+  eval_split = _tfds_eval_split(list(info.splits.keys()))
+  num_classes = info.features['label'].num_classes
+  return 'train', eval_split, len(train), info.splits[eval_split].num_examples, num_classes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image folders.
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+  """One split of an image folder: file paths and their labels."""
+  paths: tuple[str, ...]
+  labels: np.ndarray  # int32
+  class_names: tuple[str, ...]
+
+
+def _list_classes(split_dir: pathlib.Path) -> list[str]:
+  return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith('.'))
+
+
+def image_folder_class_names(root: pathlib.Path) -> tuple[str, ...]:
+  """Class names in label order: `<root>/classes.txt` (one per line) if present, else the sorted train folders.
+
+  A `classes.txt` lets a folder hold a subset of a larger label space (e.g. 100 of the 1,000 ImageNet classes) and
+  keep the official indices.
+  """
+  classes_file = root / 'classes.txt'
+  if classes_file.exists():
+    names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+      raise ValueError(f'{classes_file} lists a class more than once.')
+    return tuple(names)
+  return tuple(_list_classes(root / 'train'))
+
+
+def image_folder_eval_dir(root: pathlib.Path) -> pathlib.Path:
+  for candidate in ('test', 'val', 'validation'):
+    if (root / candidate).is_dir():
+      return root / candidate
+  raise FileNotFoundError(f'Image folder {root} has no test/, val/ or validation/ folder (expected '
+                          '<root>/train/<class>/* and <root>/test|val/<class>/*).')
+
+
+def scan_image_folder(root: str | os.PathLike) -> dict[str, FolderSplit]:
+  """Lists `<root>/train/<class>/*` and `<root>/test|val/<class>/*`; classes in sorted order (or classes.txt).
+
+  Raises:
+    FileNotFoundError: the root, train/ or the evaluation folder is missing, or a class folder is empty.
+    ValueError: a class folder exists in one split but not in the other, or is not listed in classes.txt.
+  """
+  root = pathlib.Path(root).expanduser()
+  if not (root / 'train').is_dir():
+    raise FileNotFoundError(f'Image folder {root} has no train/ folder (expected <root>/train/<class>/* and '
+                            '<root>/test|val/<class>/*); set --config.image_folder to such a root.')
+  train_dir, eval_dir = root / 'train', image_folder_eval_dir(root)
+  train_classes, eval_classes = _list_classes(train_dir), _list_classes(eval_dir)
+  # A class missing from one split would silently shift every later label there if each split were indexed alone.
+  only_train = sorted(set(train_classes) - set(eval_classes))
+  only_eval = sorted(set(eval_classes) - set(train_classes))
+  if only_train or only_eval:
+    raise ValueError(
+        f'Image folder {root}: the class folders of {train_dir.name}/ and {eval_dir.name}/ differ. '
+        f'Only in {train_dir.name}/: {only_train[:10]}{"..." if len(only_train) > 10 else ""}; '
+        f'only in {eval_dir.name}/: {only_eval[:10]}{"..." if len(only_eval) > 10 else ""}. '
+        'Both splits need the same class folders so that labels agree.')
+  class_names = image_folder_class_names(root)
+  index = {name: i for i, name in enumerate(class_names)}
+  unlisted = sorted(set(train_classes) - set(index))
+  if unlisted:
+    raise ValueError(f'Class folders {unlisted[:10]} of {root} are not listed in {root / "classes.txt"}.')
+  splits = {}
+  for split_name, split_dir, classes in (('train', train_dir, train_classes), ('test', eval_dir, eval_classes)):
+    paths, labels = [], []
+    for name in classes:
+      files = sorted(str(p) for p in (split_dir / name).iterdir()
+                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+      if not files:
+        raise FileNotFoundError(f'Class folder {split_dir / name} holds no images ({", ".join(IMAGE_EXTENSIONS)}).')
+      paths.extend(files)
+      labels.extend([index[name]] * len(files))
+    splits[split_name] = FolderSplit(tuple(paths), np.asarray(labels, np.int32), class_names)
+  return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example readers (picklable, for grain workers).
+
+
+class TfdsReader:
+  """Reads (encoded image, label) from a prepared TFDS split; the data source is opened lazily in each process."""
+
+  def __init__(self, config, split: str):
+    self._config = {'dataset': config.dataset, 'tfds_name': config.get('tfds_name'), 'data_dir': config.get('data_dir')}
+    self._split = split
+    self._source = None
+
+  def __getstate__(self):
+    return {'_config': self._config, '_split': self._split, '_source': None}
+
+  def _open(self):
+    if self._source is None:
+      self._source = open_tfds_split(_DictConfig(self._config), self._split)
+    return self._source
+
+  def __len__(self) -> int:
+    return len(self._open())
+
+  def read(self, index: int) -> tuple[PIL.Image.Image, int]:
+    record = self._open()[int(index)]
+    image = decode_image(record['image'], f'#{index} of TFDS {tfds_name(_DictConfig(self._config))}/{self._split}')
+    return image, int(record['label'])
+
+  def iter_all(self, chunk: int = 1024):
+    """Yields (image, label) for every example in order, reading records in chunks."""
+    source = self._open()
+    name = f'TFDS {tfds_name(_DictConfig(self._config))}/{self._split}'
+    for start in range(0, len(source), chunk):
+      for offset, record in enumerate(source.__getitems__(list(range(start, min(start + chunk, len(source)))))):
+        yield decode_image(record['image'], f'#{start + offset} of {name}'), int(record['label'])
+
+
+class FolderReader:
+  """Reads (image, label) from image-folder paths."""
+
+  def __init__(self, split: FolderSplit):
+    self._paths, self._labels = split.paths, split.labels
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def read(self, index: int) -> tuple[PIL.Image.Image, int]:
+    return decode_image(self._paths[index], self._paths[index]), int(self._labels[index])
+
+  def iter_all(self):
+    return (self.read(i) for i in range(len(self)))
+
+
+class SyntheticReader:
+  """Random uint8 images and labels, a pure function of (seed, split, index). For smoke runs and throughput only."""
+
+  def __init__(self, num_examples: int, num_classes: int, image_size: int, seed: int, split_id: int):
+    self._n, self._classes, self._size, self._seed, self._split_id = (
+        num_examples, num_classes, image_size, seed, split_id)
+
+  def __len__(self) -> int:
+    return self._n
+
+  def read_array(self, index: int) -> tuple[np.ndarray, int]:
+    rng = np.random.default_rng([self._seed, self._split_id, int(index)])
+    image = rng.integers(0, 256, (self._size, self._size, 3), dtype=np.uint8)
+    return image, int(rng.integers(0, self._classes))
+
+  def read(self, index: int) -> tuple[PIL.Image.Image, int]:
+    image, label = self.read_array(index)
+    return PIL.Image.fromarray(image), label
+
+
+class _DictConfig(dict):
+  """The few config fields a reader needs, with ConfigDict's `.get` and attribute access."""
+  __getattr__ = dict.__getitem__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode-once arrays for small datasets.
+
+
+def _cache_dir(config) -> pathlib.Path:
+  if config.get('data_cache_dir'):
+    return pathlib.Path(config.data_cache_dir).expanduser()
+  if config.dataset in TFDS_DATASETS:
+    return pathlib.Path(tfds_data_dir(config)) / 'ffsd_decoded_cache'
+  return pathlib.Path('~/.cache/ffsd_jax/decoded').expanduser()
+
+
+def _decode_all(reader, expected_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+  n = len(reader)
+  images, labels = None, np.empty((n,), np.int32)
+  for i, (image, label) in enumerate(reader.iter_all()):
+    labels[i] = label
+    array = np.asarray(image, np.uint8)
+    if images is None:
+      images = np.empty((n,) + array.shape, np.uint8)
+    if array.shape != images.shape[1:] or (expected_size and array.shape[:2] != (expected_size, expected_size)):
+      what = reader._paths[i] if isinstance(reader, FolderReader) else f'#{i}'  # pylint: disable=protected-access
+      raise ValueError(f'Image {what} has shape {array.shape}; the decode-once (CIFAR-style) pipeline needs every '
+                       f'image to be {expected_size or images.shape[1]}x{expected_size or images.shape[2]}x3. '
+                       'Resize the images or raise --config.image_size above 64 for the ImageNet-style pipeline.')
+    images[i] = array
+  if images is None:
+    raise ValueError('The split holds no examples.')
+  return images, labels
+
+
+def load_decoded(config, reader, cache_key: dict[str, Any], expected_size: int | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """All images of a small split as one uint8 (N, H, W, 3) array plus int32 labels, cached as .npy files.
+
+  The cache file name is a hash of `cache_key` (dataset, version, split, file list ...), so a changed dataset is
+  decoded again. Files are written to a temporary name and renamed, so concurrent processes never read half a file.
+  """
+  key = json.dumps(dict(cache_key, format=_CACHE_FORMAT_VERSION), sort_keys=True, default=str)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  directory = _cache_dir(config)
+  stem = f'{cache_key.get("name", "data")}-{cache_key.get("split", "split")}-{digest}'
+  images_path, labels_path = directory / f'{stem}.images.npy', directory / f'{stem}.labels.npy'
+  if images_path.exists() and labels_path.exists():
+    return np.load(images_path), np.load(labels_path)
+  images, labels = _decode_all(reader, expected_size)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    for path, array in ((images_path, images), (labels_path, labels)):
+      tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+      with open(tmp, 'wb') as f:
+        np.save(f, array)
+      os.replace(tmp, path)
+  except OSError:
+    pass  # A read-only data_dir only costs decoding again next time.
+  return images, labels
