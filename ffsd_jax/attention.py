@@ -55,7 +55,9 @@ def diversity_shift(attention: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
   nu = _safe_norm(attention)
   a_hat = attention / nu
   theta = jnp.sort(a_hat, axis=1)[:, k - 1:k]
-  target = (nu / 2 - a_hat) * jnp.sign(a_hat - theta) + nu / 2
+  # The reference writes (ν/2 − â)·sign(â − θ) + ν/2. Selecting the three cases gives the same values without the
+  # float32 cancellation of ν/2 − ν/2 below θ (ν ≫ â), so the bottom third is kept bit-exactly as §5.3 intends.
+  target = jnp.where(a_hat > theta, nu - a_hat, jnp.where(a_hat < theta, a_hat, jnp.broadcast_to(nu / 2, a_hat.shape)))
   return target, a_hat, nu
 
 

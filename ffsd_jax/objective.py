@@ -1,0 +1,295 @@
+"""The FFSD, DML and independent objectives (reference §6) and the λ warm-up.
+
+Every term is computed in float32 whatever the compute dtype (reference §12.12). The objective returns the sum of the
+per-group losses: because every cross-group quantity is wrapped in `stop_gradient` exactly where §6 writes sg(·), the
+gradient of that sum with respect to one group's parameters equals the gradient of the group's own loss, which is what
+the reference's sequential per-optimizer updates compute (§7).
+
+Groups (the keys of `ObjectiveResult.group_losses`) and the top-level parameter keys each one trains:
+`student_i` → `student_i`; `leader` → `leader` and `trans_fusion`; `fusion` → `fusion`; `decoder_i` → `decoder_i`
+(the decoder of student i ≥ 1); `decoder_leader` → `decoder_leader`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ffsd_jax.attention import attention_map, diversity_shift, l2_normalize, normalized_distance
+
+METHODS = ('ffsd', 'dml', 'independent')
+
+# Top-level parameter keys trained by each loss group that is not a single key of the same name.
+GROUP_PARAM_KEYS = {'leader': ('leader', 'trans_fusion')}
+
+# exp(−WARMUP_SHARPNESS·(1 − e/E)²): the reference's `lambda_warmup` (§6).
+WARMUP_SHARPNESS = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  """The scalar hyper-parameters of the objective (reference §6, 'Defaults')."""
+  temperature: float = 2.0
+  lambda_diversity: float = 1e-5
+  lambda_fusion: float = 10.0
+  lambda_self_distillation: float = 1000.0
+
+  @classmethod
+  def from_config(cls, config: Any) -> 'LossWeights':
+    """Reads `temperature`, `lambda_diversity`, `lambda_fusion` and `lambda_self_distillation` from a config."""
+    return cls(temperature=float(config.temperature), lambda_diversity=float(config.lambda_diversity),
+               lambda_fusion=float(config.lambda_fusion),
+               lambda_self_distillation=float(config.lambda_self_distillation))
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveResult:
+  """What an objective returns: the total to differentiate, each group's own loss, and every raw and weighted term."""
+  total: jax.Array
+  group_losses: dict[str, jax.Array]
+  terms: dict[str, jax.Array]
+
+
+def group_param_keys(group: str) -> tuple[str, ...]:
+  """Top-level `params` keys trained by the loss group `group`."""
+  return GROUP_PARAM_KEYS.get(group, (group,))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Primitive losses.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Batch-mean cross-entropy on integer labels, in float32 (no label smoothing)."""
+  logits = logits.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(log_probs, labels.astype(jnp.int32)[:, None], axis=-1)[:, 0]
+  return -jnp.mean(picked)
+
+
+def kl_divergence(logits: jax.Array, target_logits: jax.Array, temperature: float) -> jax.Array:
+  """T² · KL_T(softmax(sg(target)/T) ‖ softmax(logits/T)) with PyTorch's 'batchmean' reduction (sum / B).
+
+  The target side is always detached (reference §2). `xlogy` gives 0·log 0 = 0 where the target underflows.
+  """
+  temperature = float(temperature)
+  target_logits = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
+  target_probs = jax.nn.softmax(target_logits / temperature, axis=-1)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  pointwise = jax.scipy.special.xlogy(target_probs, target_probs) - target_probs * log_probs
+  return temperature**2 * jnp.sum(pointwise) / logits.shape[0]
+
+
+def attention_distance(feature: jax.Array, target_feature: jax.Array) -> jax.Array:
+  """Dist(A(feature), A(target_feature)); the caller decides what is detached."""
+  return normalized_distance(attention_map(feature), attention_map(target_feature))
+
+
+def diversity_loss(feature: jax.Array, previous_feature: jax.Array) -> jax.Array:
+  """L_div (reference §5.2): mean over B×N of (n(A(f_i)) − shift(A(sg(f_{i−1}))))², the target un-normalised."""
+  target, _, _ = diversity_shift(attention_map(jax.lax.stop_gradient(previous_feature)))
+  return jnp.mean(jnp.square(l2_normalize(attention_map(feature)) - target))
+
+
+def attention_self_distillation_loss(taps: Sequence[jax.Array], decoder_targets: Sequence[jax.Array]) -> jax.Array:
+  """Σ_{j < last} Dist(A(f^j), sg(A(target_j))): the students' and the leader's SD terms (§6.1, §6.3).
+
+  Args:
+    taps: the network's taps in forward order (the last one is not used).
+    decoder_targets: the eval-mode decoder outputs, shallowest first, one per tap except the last.
+  """
+  _check_decoder_outputs(taps, decoder_targets, 'decoder targets')
+  return sum(attention_distance(tap, jax.lax.stop_gradient(target)) for tap, target in zip(taps, decoder_targets))
+
+
+def reconstruction_loss(reconstructions: Sequence[jax.Array], taps: Sequence[jax.Array]) -> jax.Array:
+  """The raw decoder loss (§6.4, before λ_sd): Σ_{j < last} Dist(D_j, sg(f^j)) + Dist(A(D_j), A(sg(f^j))).
+
+  The first distance is over the flattened C·H·W raw features, the second over the H·W attention maps.
+  """
+  _check_decoder_outputs(taps, reconstructions, 'decoder reconstructions')
+  total = 0.0
+  for reconstruction, tap in zip(reconstructions, taps):
+    tap = jax.lax.stop_gradient(tap)
+    total = total + normalized_distance(reconstruction, tap) + attention_distance(reconstruction, tap)
+  return total
+
+
+def _check_decoder_outputs(taps: Sequence[jax.Array], outputs: Sequence[jax.Array], what: str) -> None:
+  if len(outputs) != len(taps) - 1:
+    raise ValueError(f'Expected one of the {what} per tap except the last ({len(taps) - 1}), got {len(outputs)}.')
+  for j, (tap, output) in enumerate(zip(taps, outputs)):
+    if tap.shape != output.shape:
+      raise ValueError(f'The {what}[{j}] has shape {output.shape} but tap {j} has shape {tap.shape}.')
+
+
+def mean_logits(logits: Sequence[jax.Array]) -> jax.Array:
+  """z̄ = (1/m) Σ z_i in float32."""
+  return sum(z.astype(jnp.float32) for z in logits) / len(logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# λ warm-up.
+
+
+def lambda_warmup_factor(epoch: jax.Array | int, warmup_epochs: int = 5) -> jax.Array:
+  """exp(−5·(1 − e/E)²) for 1-based epoch e ≤ E, else 1 (E = 5: 0.0408, 0.1653, 0.4493, 0.8187, 1.0)."""
+  epoch = jnp.asarray(epoch, jnp.float32)
+  if warmup_epochs <= 0:
+    return jnp.ones_like(epoch)
+  factor = jnp.exp(-WARMUP_SHARPNESS * jnp.square(1.0 - epoch / warmup_epochs))
+  return jnp.where(epoch <= warmup_epochs, factor, 1.0)
+
+
+def lambda_scale(step: jax.Array | int, steps_per_epoch: int, warmup_epochs: int = 5) -> jax.Array:
+  """The warm-up factor at 0-based optimizer step `step`: constant within an epoch, epoch = step // spe + 1."""
+  if steps_per_epoch < 1:
+    raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch}.')
+  epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch + 1
+  return lambda_warmup_factor(epoch, warmup_epochs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Objectives.
+
+
+def _student_logit_terms(student_logits: Sequence[jax.Array], labels: jax.Array, temperature: float,
+                         with_kl: bool) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+  """CE and (optionally) the DML KL, (1/(m−1)) Σ_{j≠i} T²·KL_T(sg(z_j) ‖ z_i), per student."""
+  num_students = len(student_logits)
+  if with_kl and num_students < 2:
+    raise ValueError(f'Mutual KL between students needs num_students >= 2, got {num_students}.')
+  losses, terms = [], {}
+  for i, logits in enumerate(student_logits):
+    ce = cross_entropy(logits, labels)
+    terms[f'student_{i}/ce'] = ce
+    loss = ce
+    if with_kl:
+      kl = sum(kl_divergence(logits, student_logits[j], temperature)
+               for j in range(num_students) if j != i) / (num_students - 1)
+      terms[f'student_{i}/kl'] = kl
+      loss = loss + kl
+    losses.append(loss)
+  return losses, terms
+
+
+def ffsd_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
+                   warmup: jax.Array | float = 1.0) -> ObjectiveResult:
+  """The full FFSD objective of reference §6 on the `FFSDModel` output dict.
+
+  Args:
+    outputs: `FFSDModel.__call__(images, train=True)` (docs/architecture.md).
+    labels: int labels (B,).
+    weights: the λ's and the temperature.
+    warmup: the λ warm-up factor of the current epoch; it scales λ_div, λ_f and λ_sd only.
+
+  Returns:
+    The total, the per-group losses and every term (raw, before λ, and weighted per group under '<group>/loss').
+  """
+  temperature = weights.temperature
+  warmup = jnp.asarray(warmup, jnp.float32)
+  lambda_diversity = weights.lambda_diversity * warmup
+  lambda_fusion = weights.lambda_fusion * warmup
+  lambda_self_distillation = weights.lambda_self_distillation * warmup
+
+  student_logits = tuple(outputs['student_logits'])
+  student_taps = tuple(outputs['student_taps'])
+  num_students = len(student_logits)
+  student_sd_targets = tuple(outputs['student_sd_targets'])
+  student_reconstructions = tuple(outputs['student_reconstructions'])
+  if len(student_sd_targets) != num_students - 1 or len(student_reconstructions) != num_students - 1:
+    raise ValueError(f'Expected {num_students - 1} student decoder outputs (one per student i >= 1), got '
+                     f'{len(student_sd_targets)} targets and {len(student_reconstructions)} reconstructions.')
+
+  # §6.1 common students.
+  group_losses: dict[str, jax.Array] = {}
+  student_losses, terms = _student_logit_terms(student_logits, labels, temperature, with_kl=True)
+  for i in range(num_students):
+    loss = student_losses[i]
+    if i >= 1:
+      diversity = diversity_loss(student_taps[i][-1], student_taps[i - 1][-1])
+      self_distillation = attention_self_distillation_loss(student_taps[i], student_sd_targets[i - 1])
+      terms[f'student_{i}/diversity'] = diversity
+      terms[f'student_{i}/sd'] = self_distillation
+      # Both diversity terms are weighted by λ_div (reference §6.1, §13.3).
+      loss = loss + lambda_diversity * (diversity + self_distillation)
+    group_losses[f'student_{i}'] = loss
+
+  # §6.2 fusion module: its input Z is detached by the model; the KL target z̄ is detached here.
+  fusion_logits = outputs['fusion_logits']
+  terms['fusion/ce'] = cross_entropy(fusion_logits, labels)
+  terms['fusion/kl'] = kl_divergence(fusion_logits, mean_logits(student_logits), temperature)
+  group_losses['fusion'] = terms['fusion/ce'] + terms['fusion/kl']
+
+  # §6.3 leader (+ trans-fusion head).
+  leader_logits = outputs['leader_logits']
+  leader_taps = tuple(outputs['leader_taps'])
+  fused = jax.lax.stop_gradient(outputs['fused'])
+  fusion_input = jax.lax.stop_gradient(outputs['fusion_input'])
+  terms['leader/ce'] = cross_entropy(leader_logits, labels)
+  terms['leader/kl'] = kl_divergence(leader_logits, fusion_logits, temperature)
+  terms['leader/fusion_attention'] = attention_distance(leader_taps[-1], fused)
+  terms['leader/trans_fusion'] = attention_distance(outputs['trans_fusion'], fusion_input)
+  terms['leader/sd'] = attention_self_distillation_loss(leader_taps, outputs['leader_sd_targets'])
+  # λ_f scales all three feature terms, the leader's SD term included (reference §6.3, §6.5).
+  group_losses['leader'] = (terms['leader/ce'] + terms['leader/kl'] + lambda_fusion * (
+      terms['leader/fusion_attention'] + terms['leader/trans_fusion'] + terms['leader/sd']))
+
+  # §6.4 decoders: inputs detached by the model, targets detached here.
+  for i in range(1, num_students):
+    reconstruction = reconstruction_loss(student_reconstructions[i - 1], student_taps[i])
+    terms[f'decoder_{i}/reconstruction'] = reconstruction
+    group_losses[f'decoder_{i}'] = lambda_self_distillation * reconstruction
+  reconstruction = reconstruction_loss(outputs['leader_reconstructions'], leader_taps)
+  terms['decoder_leader/reconstruction'] = reconstruction
+  group_losses['decoder_leader'] = lambda_self_distillation * reconstruction
+
+  return _finish(group_losses, terms, warmup)
+
+
+def dml_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
+                  warmup: jax.Array | float = 1.0) -> ObjectiveResult:
+  """DML baseline: the m common students with CE + mutual KL only (the first two lines of §6.1)."""
+  student_losses, terms = _student_logit_terms(tuple(outputs['student_logits']), labels, weights.temperature,
+                                               with_kl=True)
+  group_losses = {f'student_{i}': loss for i, loss in enumerate(student_losses)}
+  return _finish(group_losses, terms, warmup)
+
+
+def independent_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
+                          warmup: jax.Array | float = 1.0) -> ObjectiveResult:
+  """Independent baseline: every network present (students, and the leader if any) with CE only."""
+  del weights
+  student_losses, terms = _student_logit_terms(tuple(outputs['student_logits']), labels, 0.0, with_kl=False)
+  group_losses = {f'student_{i}': loss for i, loss in enumerate(student_losses)}
+  if outputs.get('leader_logits') is not None:
+    terms['leader/ce'] = cross_entropy(outputs['leader_logits'], labels)
+    group_losses['leader'] = terms['leader/ce']
+  return _finish(group_losses, terms, warmup)
+
+
+OBJECTIVES = {'ffsd': ffsd_objective, 'dml': dml_objective, 'independent': independent_objective}
+
+
+def compute_objective(method: str, outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
+                      warmup: jax.Array | float = 1.0) -> ObjectiveResult:
+  """Dispatches on `method` ('ffsd', 'dml' or 'independent')."""
+  if method not in OBJECTIVES:
+    raise ValueError(f'Unknown method {method!r}; valid choices: {list(METHODS)}. Set config.method.')
+  return OBJECTIVES[method](outputs, labels, weights, warmup)
+
+
+def _finish(group_losses: dict[str, jax.Array], terms: dict[str, jax.Array], warmup: jax.Array | float
+            ) -> ObjectiveResult:
+  terms = dict(terms)
+  for group, loss in group_losses.items():
+    terms[f'{group}/loss'] = loss
+  total = sum(group_losses.values())
+  terms['loss/total'] = total
+  terms['lambda_scale'] = jnp.asarray(warmup, jnp.float32)
+  terms = {name: jnp.asarray(value, jnp.float32) for name, value in terms.items()}
+  return ObjectiveResult(total=jnp.asarray(total, jnp.float32), group_losses=group_losses, terms=terms)
+
