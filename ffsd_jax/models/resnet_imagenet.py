@@ -1,0 +1,62 @@
+"""ImageNet ResNet-18/34 in the torchvision layout (reference §3.5), plus a tiny variant for tests.
+
+Stem conv7x7/2 (no bias) → BN → ReLU → maxpool 3/2; four BasicBlock stages (strides 1, 2, 2, 2) with option-B
+shortcuts; global average pool; fc. Taps: the four stage outputs (64@56, 128@28, 256@14, 512@7 at 224x224).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ffsd_jax.models import layers
+from ffsd_jax.models.resnet_cifar import BasicBlock
+
+ModuleDef = layers.ModuleDef
+
+
+class ImageNetResNet(nn.Module):
+  """torchvision-style ResNet with BasicBlocks.
+
+  Attributes:
+    stage_sizes: BasicBlocks per stage, (2, 2, 2, 2) for ResNet-18, (3, 4, 6, 3) for ResNet-34.
+    num_classes: classifier width.
+    widths: the four stage widths; the stem has widths[0] channels.
+    dtype: compute dtype.
+    arch: the registry name, used in error messages.
+  """
+  stage_sizes: Sequence[int]
+  num_classes: int
+  widths: Sequence[int] = (64, 128, 256, 512)
+  dtype: jnp.dtype = jnp.float32
+  arch: str = 'imagenet_resnet'
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    layers.check_imagenet_input(x, self.arch)
+    conv = layers.conv_factory(self.conv, self.dtype)
+    norm = layers.norm_factory(self.norm, train, self.dtype)
+    x = conv(self.widths[0], (7, 7), strides=(2, 2), padding=layers.torch_padding(7), name='conv1')(
+        x.astype(self.dtype))
+    x = nn.relu(norm(name='bn1')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    taps = []
+    for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(width, conv=conv, norm=norm, strides=strides, name=f'layer{stage + 1}_{block}')(x)
+      taps.append(x)
+    logits = layers.classifier_logits(x, self.num_classes, dtype=self.dtype, name='fc')
+    return logits, tuple(taps)
+
+
+ResNet18 = functools.partial(ImageNetResNet, stage_sizes=(2, 2, 2, 2), arch='resnet18')
+ResNet34 = functools.partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3), arch='resnet34')
+ResNetImageNetTiny = functools.partial(ImageNetResNet, stage_sizes=(1, 1, 1, 1), widths=(8, 16, 32, 64),
+                                       arch='resnet_imagenet_tiny')
