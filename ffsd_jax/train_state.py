@@ -1,0 +1,203 @@
+"""The functional train state, the per-group optimizers and the learning-rate schedules (reference §8, §12.5–12.7).
+
+One `TrainState` holds every network's parameters, batch statistics and optimizer state. `optax.multi_transform`
+gives each group its own optimizer, as the reference does with one PyTorch optimizer per network:
+
+| group (top-level params keys) | optimizer | weight decay (coupled L2) | schedule |
+|---|---|---|---|
+| `student_i` | SGD, Nesterov momentum 0.9 | `weight_decay` (1e-4) | networks |
+| `leader` + `trans_fusion` | SGD, Nesterov momentum 0.9 | `weight_decay` (1e-4) | networks |
+| `fusion` | SGD, Nesterov momentum 0.9 | `fusion_weight_decay` (1e-5) | networks |
+| `decoder_i`, `decoder_leader` | Adam (0.9, 0.999, 1e-8) | `decoder_weight_decay` (1e-4) | decoders |
+
+Epoch boundaries are converted to optimizer steps with the `steps_per_epoch` the caller passes in (dataset size and
+batch size), never with constants.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+# The ImageNet trainer's per-iteration warm-up covers epochs 1..4 (`epoch < 5`, 1-based), reference §8.
+IMAGENET_WARMUP_EPOCHS = 5
+LR_SCHEDULES = ('cifar', 'imagenet')
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a training step reads and writes.
+
+  Attributes:
+    step: the number of optimizer updates done so far (int32 scalar).
+    params: the `FFSDModel` parameters (top-level keys per network, docs/architecture.md).
+    batch_stats: the batch-norm running statistics, same top-level keys.
+    opt_state: the `optax.multi_transform` state of `tx`.
+    tx: the optimizer (static).
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads: Any, batch_stats: Any) -> 'TrainState':
+    """One optimizer update of every group; also stores the new batch statistics."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+
+def _compute_dtype(name: str):
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"Unknown compute_dtype {name!r}; valid choices: ['float32', 'bfloat16'].")
+  return jnp.dtype(name)
+
+
+def create_model(config: ml_collections.ConfigDict):
+  """The `FFSDModel` of `config.model`, `config.num_classes`, `config.num_students`, `config.method`."""
+  from ffsd_jax.models.ffsd import FFSDModel  # pylint: disable=g-import-not-at-top
+  return FFSDModel(backbone=config.model, num_classes=config.num_classes, num_students=config.num_students,
+                   method=config.method, dtype=_compute_dtype(config.compute_dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schedules.
+
+
+def _epoch_boundaries(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  boundaries = tuple(int(b) for b in config.lr_boundaries)
+  if list(boundaries) != sorted(boundaries) or any(b < 1 for b in boundaries):
+    raise ValueError(f'config.lr_boundaries must be increasing positive epochs, got {config.lr_boundaries}.')
+  return boundaries
+
+
+def multistep_schedule(base_lr: float, epoch_boundaries: tuple[int, ...], decay: float,
+                       steps_per_epoch: int) -> optax.Schedule:
+  """PyTorch MultiStepLR stepped once per epoch: base · decay^#{b : step ≥ b·spe}.
+
+  MultiStepLR(milestones=[150, 225]) stepped at the end of each epoch gives 1-based epochs 1–150 the base lr and
+  epoch 151 (0-based step 150·spe) the first decayed one.
+  """
+  boundaries = jnp.asarray([b * steps_per_epoch for b in epoch_boundaries] or [0], jnp.int32)
+  num_boundaries = len(epoch_boundaries)
+
+  def schedule(count):
+    passed = jnp.sum((jnp.asarray(count, jnp.int32) >= boundaries).astype(jnp.int32)) if num_boundaries else 0
+    return jnp.asarray(base_lr, jnp.float32) * jnp.asarray(decay, jnp.float32)**passed
+
+  return schedule
+
+
+def imagenet_network_schedule(base_lr: float, epoch_boundaries: tuple[int, ...], decay: float,
+                              steps_per_epoch: int) -> optax.Schedule:
+  """The ImageNet trainers' per-iteration rule for students, leader and fusion (reference §8).
+
+  With the 1-based epoch e = step // spe + 1 and the step within the epoch s = step % spe:
+  lr = base · decay^#{b : e ≥ b}, times (1 + s + e·spe) / (5·spe) while e < 5. With boundaries (30, 60, 80) the
+  first factor is the reference's 0.1^(e//30 + [e ≥ 80]) for every epoch it trains (1–89). The warm-up starts at
+  (1 + spe)/(5·spe) ≈ 0.2 and reaches 1.0 on the last step of epoch 4; `len_epoch` is `steps_per_epoch` here.
+  """
+  boundaries = jnp.asarray(list(epoch_boundaries) or [1 << 30], jnp.int32)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.int32)
+    epoch = count // steps_per_epoch + 1
+    within = count % steps_per_epoch
+    passed = jnp.sum((epoch >= boundaries).astype(jnp.int32))
+    lr = jnp.asarray(base_lr, jnp.float32) * jnp.asarray(decay, jnp.float32)**passed
+    warmup = (1 + within + epoch * steps_per_epoch).astype(jnp.float32) / (IMAGENET_WARMUP_EPOCHS * steps_per_epoch)
+    return jnp.where(epoch < IMAGENET_WARMUP_EPOCHS, lr * warmup, lr)
+
+  return schedule
+
+
+def learning_rate_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, optax.Schedule]:
+  """The schedules by optimizer-step count: {'networks': students/leader/fusion SGD, 'decoders': decoder Adam}."""
+  if steps_per_epoch < 1:
+    raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch}.')
+  boundaries = _epoch_boundaries(config)
+  decoders = multistep_schedule(config.decoder_learning_rate, boundaries, config.lr_decay, steps_per_epoch)
+  if config.lr_schedule == 'cifar':
+    networks = multistep_schedule(config.learning_rate, boundaries, config.lr_decay, steps_per_epoch)
+  elif config.lr_schedule == 'imagenet':
+    networks = imagenet_network_schedule(config.learning_rate, boundaries, config.lr_decay, steps_per_epoch)
+  else:
+    raise ValueError(f'Unknown lr_schedule {config.lr_schedule!r}; valid choices: {list(LR_SCHEDULES)}.')
+  return {'networks': networks, 'decoders': decoders}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizers.
+
+
+def sgd_coupled_l2(schedule: optax.Schedule, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+  """PyTorch `SGD(nesterov=True, dampening=0, weight_decay=wd)`: L2 added to the gradient, then Nesterov momentum."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(schedule, momentum=momentum, nesterov=True))
+
+
+def adam_coupled_l2(schedule: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
+  """PyTorch `Adam(weight_decay=wd)`: coupled L2 (not AdamW), β = (0.9, 0.999), eps 1e-8."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS),
+                     optax.scale_by_learning_rate(schedule))
+
+
+def param_group(top_level_key: str) -> str:
+  """The optimizer group of a top-level params key (the trans-fusion head belongs to the leader)."""
+  if top_level_key == 'trans_fusion':
+    return 'leader'
+  if top_level_key.startswith('student_') or top_level_key in ('leader', 'fusion') or top_level_key.startswith(
+      'decoder_'):
+    return top_level_key
+  raise ValueError(f'Unknown top-level parameter key {top_level_key!r}: expected student_i, leader, trans_fusion, '
+                   'fusion or decoder_*.')
+
+
+def param_labels(params: Any) -> dict[str, Any]:
+  """The `multi_transform` labels: every leaf under a top-level key gets that key's group."""
+  return {key: jax.tree.map(lambda _, g=param_group(key): g, subtree) for key, subtree in params.items()}
+
+
+def create_optimizer(config: ml_collections.ConfigDict, params: Any,
+                     steps_per_epoch: int) -> optax.GradientTransformation:
+  """One optimizer per group present in `params` (reference §8), combined with `optax.multi_transform`."""
+  schedules = learning_rate_schedules(config, steps_per_epoch)
+  transforms = {}
+  for group in sorted({param_group(key) for key in params}):
+    if group.startswith('decoder_'):
+      transforms[group] = adam_coupled_l2(schedules['decoders'], config.decoder_weight_decay)
+    elif group == 'fusion':
+      transforms[group] = sgd_coupled_l2(schedules['networks'], config.momentum, config.fusion_weight_decay)
+    else:
+      transforms[group] = sgd_coupled_l2(schedules['networks'], config.momentum, config.weight_decay)
+  return optax.multi_transform(transforms, param_labels)
+
+
+def init_variables(config: ml_collections.ConfigDict, model: Any, rng: jax.Array) -> dict[str, Any]:
+  """Initialises every network on a dummy batch of `config.image_size` (train mode, so the decoders are built)."""
+  images = jnp.zeros((2, config.image_size, config.image_size, 3), _compute_dtype(config.compute_dtype))
+  variables = model.init({'params': rng}, images, train=True)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.Array,
+                       steps_per_epoch: int) -> TrainState:
+  """A fresh `TrainState`; pure, so it can run under `jax.jit(..., out_shardings=...)` and `jax.eval_shape`."""
+  variables = init_variables(config, model, rng)
+  tx = create_optimizer(config, variables['params'], steps_per_epoch)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']), tx=tx)
+
+
+def current_learning_rates(config: ml_collections.ConfigDict, steps_per_epoch: int
+                           ) -> Callable[[jax.Array], dict[str, jax.Array]]:
+  """A function step -> {'learning_rate/networks', 'learning_rate/decoders'} for the metrics."""
+  schedules = learning_rate_schedules(config, steps_per_epoch)
+  return lambda step: {f'learning_rate/{name}': jnp.asarray(s(step), jnp.float32) for name, s in schedules.items()}
