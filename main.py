@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -24,9 +26,17 @@ _EXPORT_DIR = flags.DEFINE_string('export_dir', None, 'Export folder for --mode 
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Drops Orbax's INFO chatter (several lines per save/restore); its warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   config = _CONFIG.value
   if _MODE.value == 'train':
     train_loop.train_and_evaluate(config, _WORKDIR.value)
