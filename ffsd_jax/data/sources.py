@@ -26,8 +26,11 @@ SMALL_IMAGE_MAX_SIZE = 64
 _CACHE_FORMAT_VERSION = 1
 
 
-def decode_image(data: bytes | str | os.PathLike, what: str) -> PIL.Image.Image:
+def decode_image(data: bytes | str | os.PathLike | np.ndarray, what: str) -> PIL.Image.Image:
   """Decodes encoded bytes or a file path into an RGB PIL image; errors name `what` (the file or record)."""
+  if isinstance(data, np.ndarray):  # Already decoded (TFDS decoding, see SKIP_TFDS_IMAGE_DECODING).
+    array = np.asarray(data, np.uint8)
+    return PIL.Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array).convert('RGB')
   try:
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     with PIL.Image.open(source) as image:
@@ -71,13 +74,19 @@ def _check_tfds_prepared(config) -> None:
         'or point --config.data_dir at the folder that holds it.')
 
 
+# Images are read undecoded and decoded here with PIL (TFDS would pick OpenCV when installed: another decoder, other
+# pixels). tfds.testing.mock_data cannot serve undecoded images without TensorFlow, so mock tests turn this off and
+# get TFDS-decoded arrays.
+SKIP_TFDS_IMAGE_DECODING = True
+
+
 def open_tfds_split(config, split: str):
   """Opens a prepared TFDS split as an ArrayRecord data source with undecoded images (never downloads)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name, data_dir = tfds_name(config), tfds_data_dir(config)
+  decoders = {'image': tfds.decode.SkipDecoding()} if SKIP_TFDS_IMAGE_DECODING else None
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                            decoders={'image': tfds.decode.SkipDecoding()})
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
   except Exception as error:
     raise FileNotFoundError(
         f'Cannot open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r}: {error}\n'
@@ -91,7 +100,12 @@ class SplitSpec:
   num_classes: int
 
 
-def _tfds_eval_split(splits: Sequence[str]) -> str:
+_OFFICIAL_EVAL_SPLITS = {'cifar100': 'test', 'cifar10': 'test', 'imagenet2012': 'validation'}
+
+
+def _tfds_eval_split(name: str, splits: Sequence[str]) -> str:
+  if name in _OFFICIAL_EVAL_SPLITS:
+    return _OFFICIAL_EVAL_SPLITS[name]
   for candidate in ('test', 'validation', 'val'):
     if candidate in splits:
       return candidate
@@ -103,9 +117,9 @@ def tfds_splits(config) -> tuple[str, str, int, int, int]:
   _check_tfds_prepared(config)
   train = open_tfds_split(config, 'train')
   info = train.dataset_info
-  eval_split = _tfds_eval_split(list(info.splits.keys()))
+  eval_split = _tfds_eval_split(tfds_name(config), list(info.splits.keys()))
   num_classes = info.features['label'].num_classes
-  return 'train', eval_split, len(train), info.splits[eval_split].num_examples, num_classes
+  return 'train', eval_split, len(train), len(open_tfds_split(config, eval_split)), num_classes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,7 +235,12 @@ class TfdsReader:
     source = self._open()
     name = f'TFDS {tfds_name(_DictConfig(self._config))}/{self._split}'
     for start in range(0, len(source), chunk):
-      for offset, record in enumerate(source.__getitems__(list(range(start, min(start + chunk, len(source)))))):
+      keys = list(range(start, min(start + chunk, len(source))))
+      try:
+        records = source.__getitems__(keys)  # Batched reads are much faster than one record at a time.
+      except TypeError:  # tfds.testing.mock_data's data source has a broken __getitems__.
+        records = [source[k] for k in keys]
+      for offset, record in enumerate(records):
         yield decode_image(record['image'], f'#{start + offset} of {name}'), int(record['label'])
 
 
