@@ -212,6 +212,10 @@ def _grain_stream(element_fn, start_position: int, stop_position: int, local_bat
   dataset = dataset.batch(local_batch, drop_remainder=True)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local_batch))
   if num_workers > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      # grain's worker processes read absl flags; outside absl.app (scripts, tests) they are not parsed yet.
+      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
   return iter(dataset)
 
