@@ -99,8 +99,9 @@ def create_sharded(init_fn: Callable[[], Any], mesh: jax.sharding.Mesh) -> tuple
     (tree, abstract_tree) where abstract_tree holds `jax.ShapeDtypeStruct`s with shardings (a restore target).
   """
   abstract = abstract_with_sharding(jax.eval_shape(init_fn), mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  tree = jax.jit(init_fn, out_shardings=shardings)()
+  # One sharding as a prefix of the output: static fields (e.g. an optimizer) differ between traces, so a tree of
+  # shardings built from `abstract` would not match the output's structure.
+  tree = jax.jit(init_fn, out_shardings=replicated_sharding(mesh))()
   return tree, abstract
 
 

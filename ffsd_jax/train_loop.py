@@ -165,7 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_iter.set_state(iterator_state)
     logging.info('Resuming from step %d in %s.', latest, workdir)
   else:
-    state = jax.jit(init_fn, out_shardings=jax.tree.map(lambda x: x.sharding, abstract_state))()
+    # One sharding as a prefix: the static optimizer in the state differs between traces, so a full tree of
+    # shardings taken from `abstract_state` would not match the output's tree structure.
+    state = jax.jit(init_fn, out_shardings=replicated)()
     loop_state = {}
   step = int(_to_host(state.step))
 
@@ -267,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        best_leader_top1)
         if improved:
           save(best_manager, step)
+        window_start_time = time.time()  # Steps/s measures training only, not the evaluation.
       if epoch_end:
         epoch_bar.update(1)
 
