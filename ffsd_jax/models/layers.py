@@ -120,7 +120,7 @@ def check_cifar_input(images: jax.Array, model: str) -> None:
   """Raise a clear ValueError unless `images` is (B, 32, 32, C), before XLA sees a shape mismatch."""
   if images.ndim != 4 or tuple(images.shape[1:3]) != (32, 32):
     raise ValueError(
-        f'{model} is a CIFAR-layout network and needs NHWC inputs of size 32x32 (its last tap must be 8x8 for the '
+        f'{model} is a CIFAR-layout network and needs 32x32 NHWC inputs (its last tap must be 8x8 for the '
         f'fusion module and the 8x8 average pool); got shape {tuple(images.shape)}. Resize/crop the images to 32x32 '
         f'or pick an ImageNet-layout backbone (resnet18, resnet34).')
 
