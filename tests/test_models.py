@@ -343,6 +343,19 @@ def test_ffsd_model_tree_and_output_shapes(method, num_students, expected):
     assert tuple(o.shape for o in outputs) == taps[:-1]
 
 
+def test_ffsd_model_init_in_eval_mode_builds_everything_and_bfloat16_outputs():
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  model = models.FFSDModel('resnet8_tiny', 10, dtype=jnp.bfloat16)
+  train_tree = jax.eval_shape(lambda x: model.init(KEY, x, train=True), images)
+  eval_tree = jax.eval_shape(lambda x: model.init(KEY, x, train=False), images)
+  assert jax.tree.structure(train_tree) == jax.tree.structure(eval_tree)
+  assert {leaf.dtype for leaf in jax.tree.leaves(train_tree)} == {jnp.dtype(jnp.float32)}
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0], train_tree, images)
+  assert all(logits.dtype == jnp.float32 for logits in (*out['student_logits'], out['leader_logits'],
+                                                        out['fusion_logits']))
+  assert out['fused'].dtype == jnp.bfloat16 and out['student_sd_targets'][0][0].dtype == jnp.bfloat16
+
+
 @pytest.fixture(scope='module')
 def ffsd_run():
   """One jitted train-mode FFSDModel call (resnet8_tiny, m=2) on random variables."""
