@@ -1,0 +1,190 @@
+"""Data parallelism: the sharded FFSD step on 8 simulated CPU devices against one device, global-batch BN statistics,
+two processes against one, and the batch-size check."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from ffsd_jax import sharding
+from ffsd_jax import train_state as train_state_lib
+from ffsd_jax import train_step as train_step_lib
+from ffsd_jax.data.normalization import get_mean_std
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLOBAL_BATCH = 16
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """resnet8_tiny FFSD on synthetic 32x32 data: the smallest config that runs every part of the method."""
+  config = get_config()
+  config.model = 'resnet8_tiny'
+  config.dataset = 'synthetic'
+  config.num_classes = 10
+  config.normalization = 'cifar10'
+  config.synthetic_num_train_examples = 64
+  config.synthetic_num_eval_examples = 40
+  config.batch_size = GLOBAL_BATCH
+  config.eval_batch_size = 16
+  config.num_epochs = 2
+  config.lr_boundaries = (1,)
+  config.lambda_warmup_epochs = 1
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 4
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def one_step():
+  """One FFSD step from the same state and batch on 1 device and on 8 devices (batch sharded, state replicated)."""
+  assert jax.device_count() == 8
+  config = tiny_config()
+  mean_std = get_mean_std('cifar10')
+  model = train_state_lib.create_model(config)
+  # Jitted (not eager) init: its compilation is in the persistent cache on reruns.
+  state = jax.jit(lambda: train_state_lib.create_train_state(config, model, jax.random.key(3), 4),
+                  out_shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))()
+  rng = np.random.default_rng(0)
+  # Each device's pair of images has its own brightness band, so per-device BN statistics would differ from the
+  # global-batch ones (see the BN test).
+  offsets = 24 * (np.arange(GLOBAL_BATCH) // 2)[:, None, None, None]
+  batch = {'image': (rng.integers(0, 80, (GLOBAL_BATCH, 32, 32, 3)) + offsets).astype(np.uint8),
+           'label': rng.integers(0, 10, (GLOBAL_BATCH,), dtype=np.int32)}
+  step_fn = train_step_lib.make_train_step(model, config, 4, mean_std)
+
+  single_device = jax.devices()[0]
+  single_state, single_metrics = jax.jit(step_fn)(jax.device_put(state, single_device),
+                                                  jax.device_put(batch, single_device))
+  mesh = sharding.create_mesh()
+  replicated, batch_sharded = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
+  sharded_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated))
+  global_batch = sharding.make_global_batch(batch, mesh)
+  assert global_batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
+  assert len(global_batch['image'].addressable_shards) == 8
+  sharded_state, sharded_metrics = sharded_step(jax.device_put(state, replicated), global_batch)
+  return dict(config=config, state=state, batch=batch, mean_std=mean_std, single=(single_state, single_metrics),
+              sharded=(sharded_state, sharded_metrics))
+
+
+def test_sharded_step_equals_single_device_step(one_step):
+  single_state, single_metrics = one_step['single']
+  sharded_state, sharded_metrics = one_step['sharded']
+  assert sharded_state.params['leader']['conv1']['kernel'].sharding.is_fully_replicated
+  for name in ('params', 'batch_stats'):
+    flat_single = jax.tree_util.tree_leaves_with_path(getattr(single_state, name))
+    flat_sharded = jax.tree.leaves(getattr(sharded_state, name))
+    assert len(flat_single) == len(flat_sharded) > 50
+    for (path, a), b in zip(flat_single, flat_sharded):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=2e-6,
+                                 err_msg=f'{name}{jax.tree_util.keystr(path)}')
+  # The step changed the parameters (so equality is not trivial).
+  before = np.asarray(one_step['state'].params['student_0']['fc']['kernel'])
+  assert np.abs(np.asarray(sharded_state.params['student_0']['fc']['kernel']) - before).max() > 1e-4
+  assert set(single_metrics) == set(sharded_metrics)
+  for key in single_metrics:
+    np.testing.assert_allclose(float(sharded_metrics[key]), float(single_metrics[key]), rtol=2e-4, atol=1e-6,
+                               err_msg=key)
+
+
+def _numpy_conv3x3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+  """NHWC 3x3 convolution, stride 1, zero padding 1 (PyTorch's padding=1), in float64."""
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  height, width = x.shape[1:3]
+  out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
+  for dy in range(3):
+    for dx in range(3):
+      out += np.einsum('nhwc,cd->nhwd', padded[:, dy:dy + height, dx:dx + width], kernel[dy, dx])
+  return out
+
+
+def test_batch_norm_running_statistics_are_global_batch_statistics(one_step):
+  """bn1 of student_0 after one sharded step: 0.9·old + 0.1·(mean, biased var) over all 16 images, not per shard."""
+  (mean, std), state = one_step['mean_std'], one_step['state']
+  images = (one_step['batch']['image'] / 255.0 - np.asarray(mean)) / np.asarray(std)
+  features = _numpy_conv3x3(images, np.asarray(state.params['student_0']['conv1']['kernel'], np.float64))
+  global_mean = features.mean(axis=(0, 1, 2))
+  global_var = features.var(axis=(0, 1, 2))
+  old = jax.tree.map(np.asarray, state.batch_stats['student_0']['bn1'])
+  sharded_stats = one_step['sharded'][0].batch_stats['student_0']['bn1']
+  np.testing.assert_allclose(np.asarray(sharded_stats['mean']), 0.9 * old['mean'] + 0.1 * global_mean,
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sharded_stats['var']), 0.9 * old['var'] + 0.1 * global_var,
+                             rtol=1e-4, atol=1e-6)
+  # Per-device statistics (2 images each) would give a visibly different variance: the check above can fail.
+  per_shard_var = np.mean([features[i:i + 2].var(axis=(0, 1, 2)) for i in range(0, GLOBAL_BATCH, 2)], axis=0)
+  assert np.abs(0.1 * (per_shard_var - global_var)).max() > 1e-3
+
+
+def test_batch_size_not_divisible_by_device_count_fails_clearly():
+  mesh = sharding.create_mesh()
+  with pytest.raises(ValueError, match=r'batch_size=12 is not divisible by the number of devices \(8\).*16'):
+    sharding.check_batch_size(12, mesh)
+  assert sharding.check_batch_size(16, mesh) == 16
+
+
+_PROCESS_SCRIPT = r'''
+import json, sys
+sys.path.insert(0, {repo!r})
+import jax
+jax.config.update('jax_compilation_cache_dir', {cache!r})
+import ml_collections
+from ffsd_jax import train_loop
+config = ml_collections.ConfigDict(json.loads({config!r}))
+summary = train_loop.train_and_evaluate(config, {workdir!r})
+print('SUMMARY', jax.process_index(), jax.process_count(), jax.device_count(), json.dumps(summary))
+'''
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed over localhost) == 1 process x 8 devices: params and metrics."""
+  from ffsd_jax import metric_writers, train_loop  # pylint: disable=g-import-not-at-top
+  config = tiny_config(max_steps=2, eval_every_epochs=1)
+  config_json = json.dumps(config.to_dict())
+  multi_dir, single_dir = tmp_path / 'two_processes', tmp_path / 'one_process'
+  script = _PROCESS_SCRIPT.format(repo=REPO_ROOT, cache=jax.config.jax_compilation_cache_dir or '',
+                                  config=config_json, workdir=str(multi_dir))
+  port = _free_port()
+  processes = []
+  for process_id in range(2):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(process_id))
+    processes.append(subprocess.Popen([sys.executable, '-c', script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+  # Meanwhile, the same run in this process on its 8 devices.
+  train_loop.train_and_evaluate(config, str(single_dir))
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert 'SUMMARY 0 2 8' in outputs[0] and 'SUMMARY 1 2 8' in outputs[1]
+
+  multi_records, single_records = metric_writers.read_metrics(str(multi_dir)), metric_writers.read_metrics(
+      str(single_dir))
+  assert [r['step'] for r in multi_records] == [r['step'] for r in single_records] == [2, 2]
+  for a, b in zip(multi_records, single_records):
+    assert set(a) == set(b)
+    for key in a:
+      if key != 'steps_per_sec':
+        np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-6, err_msg=key)
+  multi_state = train_loop.restore_for_inference(config, str(multi_dir), 'latest')[0]
+  single_state = train_loop.restore_for_inference(config, str(single_dir), 'latest')[0]
+  assert int(multi_state.step) == 2
+  for a, b in zip(jax.tree.leaves((multi_state.params, multi_state.batch_stats)),
+                  jax.tree.leaves((single_state.params, single_state.batch_stats))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
