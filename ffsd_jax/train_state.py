@@ -22,6 +22,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 # The ImageNet trainer's per-iteration warm-up covers epochs 1..4 (`epoch < 5`, 1-based), reference §8.
@@ -84,7 +85,8 @@ def multistep_schedule(base_lr: float, epoch_boundaries: tuple[int, ...], decay:
   MultiStepLR(milestones=[150, 225]) stepped at the end of each epoch gives 1-based epochs 1–150 the base lr and
   epoch 151 (0-based step 150·spe) the first decayed one.
   """
-  boundaries = jnp.asarray([b * steps_per_epoch for b in epoch_boundaries] or [0], jnp.int32)
+  # NumPy constants: a jnp array made here would be a tracer when the optimizer is built under jit (init).
+  boundaries = np.asarray([b * steps_per_epoch for b in epoch_boundaries] or [0], np.int32)
   num_boundaries = len(epoch_boundaries)
 
   def schedule(count):
@@ -103,7 +105,7 @@ def imagenet_network_schedule(base_lr: float, epoch_boundaries: tuple[int, ...],
   first factor is the reference's 0.1^(e//30 + [e ≥ 80]) for every epoch it trains (1–89). The warm-up starts at
   (1 + spe)/(5·spe) ≈ 0.2 and reaches 1.0 on the last step of epoch 4; `len_epoch` is `steps_per_epoch` here.
   """
-  boundaries = jnp.asarray(list(epoch_boundaries) or [1 << 30], jnp.int32)
+  boundaries = np.asarray(list(epoch_boundaries) or [1 << 30], np.int32)
 
   def schedule(count):
     count = jnp.asarray(count, jnp.int32)

@@ -1,0 +1,225 @@
+"""The functional training step and the evaluation steps (reference §7, §10).
+
+`make_train_step` returns a PURE, un-jitted `train_step(state, batch) -> (state, metrics)`; the training loop jits it
+with its shardings and buffer donation (`jit_train_step` is a single-device convenience). One train-mode call of
+`FFSDModel` runs every forward pass of a reference iteration, the objective puts `stop_gradient` where §6 writes
+sg(·), and one `jax.value_and_grad` over the whole parameter tree gives each group its own gradient, which
+`optax.multi_transform` hands to that group's optimizer (reference §7 explains why this equals the sequential
+updates). The λ warm-up factor is computed inside the step from `state.step`, so it needs no host value and no
+recompilation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ffsd_jax import objective
+from ffsd_jax.data.normalization import normalize_images
+from ffsd_jax.train_state import TrainState, current_learning_rates, param_group
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _compute_dtype(config: ml_collections.ConfigDict):
+  return jnp.dtype(config.compute_dtype)
+
+
+def _top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.argmax(logits, axis=-1) == labels
+
+
+def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  _, indices = jax.lax.top_k(logits.astype(jnp.float32), min(k, logits.shape[-1]))
+  return jnp.any(indices == labels[:, None], axis=-1)
+
+
+def network_logits(outputs: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Every network's logits by metric name: student_i, leader, fusion and the logit-mean student ensemble.
+
+  'ensemble' is the argmax of the mean of the students' logits (a real ensemble, not the reference's oracle
+  "any student correct" rate, reference §10, §13.13); it is present when there are at least 2 students.
+  """
+  logits = {f'student_{i}': z for i, z in enumerate(outputs['student_logits'])}
+  if outputs.get('leader_logits') is not None:
+    logits['leader'] = outputs['leader_logits']
+  if outputs.get('fusion_logits') is not None:
+    logits['fusion'] = outputs['fusion_logits']
+  if len(outputs['student_logits']) >= 2:
+    logits['ensemble'] = objective.mean_logits(outputs['student_logits'])
+  return {name: z.astype(jnp.float32) for name, z in logits.items()}
+
+
+def _group_norms(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """L2 norm of each optimizer group's leaves (the trans-fusion head counted with the leader)."""
+  squares: dict[str, jax.Array] = {}
+  for key, subtree in tree.items():
+    group = param_group(key)
+    total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(subtree))
+    squares[group] = squares.get(group, 0.0) + total
+  return {group: jnp.sqrt(value) for group, value in squares.items()}
+
+
+def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epoch: int,
+                    mean_std: tuple[tuple[float, ...], tuple[float, ...]]
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Builds the pure training step for `config.method`.
+
+  Args:
+    model: the `FFSDModel` of `create_model(config)`.
+    config: the experiment config (method, temperature, λ's, lambda_warmup_epochs, compute_dtype, schedules).
+    steps_per_epoch: optimizer steps per epoch (sets the λ warm-up epochs and the lr boundaries).
+    mean_std: the dataset's normalisation constants.
+
+  Returns:
+    `train_step(state, batch) -> (state, metrics)`, un-jitted. `batch` = {'image': uint8 NHWC, 'label': int32};
+    metrics is a flat dict of float32 scalars (every loss term, per-group losses, training top-1 per network,
+    lambda_scale, learning rates, gradient norms and 'nonfinite').
+  """
+  method = config.method
+  if method not in objective.METHODS:
+    raise ValueError(f'Unknown method {method!r}; valid choices: {list(objective.METHODS)}. Set config.method.')
+  weights = objective.LossWeights.from_config(config)
+  warmup_epochs = int(config.lambda_warmup_epochs)
+  dtype = _compute_dtype(config)
+  learning_rates = current_learning_rates(config, steps_per_epoch)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    images = normalize_images(batch['image'], mean_std, dtype)
+    labels = batch['label'].astype(jnp.int32)
+    lambda_scale = objective.lambda_scale(state.step, steps_per_epoch, warmup_epochs)
+
+    def loss_fn(params):
+      outputs, mutated = model.apply({'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+                                     mutable=['batch_stats'])
+      result = objective.compute_objective(method, outputs, labels, weights, lambda_scale)
+      return result.total, (mutated['batch_stats'], result.terms, network_logits(outputs))
+
+    (_, (batch_stats, terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads, batch_stats)
+
+    metrics: Metrics = dict(terms)
+    for name, z in logits.items():
+      metrics[f'accuracy/{name}'] = jnp.mean(_top1_correct(z, labels).astype(jnp.float32))
+    lrs = learning_rates(state.step)
+    if not any(param_group(key).startswith('decoder_') for key in state.params):
+      lrs.pop('learning_rate/decoders')
+    metrics.update(lrs)
+    grad_norms = _group_norms(grads)
+    for group, norm in grad_norms.items():
+      metrics[f'grad_norm/{group}'] = norm
+    metrics['grad_norm'] = optax.global_norm(grads)
+    finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+    metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
+    return new_state, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
+
+  return train_step
+
+
+def jit_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epoch: int,
+                   mean_std: tuple[tuple[float, ...], tuple[float, ...]], donate: bool = False):
+  """`make_train_step` jitted for single-device use (tests, notebooks); `donate=True` donates the state."""
+  return jax.jit(make_train_step(model, config, steps_per_epoch, mean_std), donate_argnums=(0,) if donate else ())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def _correct_sums(logits: Mapping[str, jax.Array], labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  sums = {'count': jnp.sum(mask.astype(jnp.int32))}
+  for name, z in logits.items():
+    sums[f'correct/{name}'] = jnp.sum((_top1_correct(z, labels) & mask).astype(jnp.int32))
+    sums[f'correct_top5/{name}'] = jnp.sum((_topk_correct(z, labels, 5) & mask).astype(jnp.int32))
+  return sums
+
+
+def _mask(batch: Batch) -> jax.Array:
+  if 'mask' in batch:
+    return batch['mask'].astype(bool)
+  return jnp.ones(batch['label'].shape, bool)
+
+
+def make_eval_step(model: Any, config: ml_collections.ConfigDict,
+                   mean_std: tuple[tuple[float, ...], tuple[float, ...]]
+                   ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+  """Builds `eval_step(state, batch) -> sums` over the masked batch (int32).
+
+  Keys: 'count', and 'correct/<net>' / 'correct_top5/<net>' for every network present: student_i, leader, fusion
+  (on the students' eval-mode features) and ensemble (argmax of the mean of the students' logits).
+  """
+  dtype = _compute_dtype(config)
+
+  def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+    images = normalize_images(batch['image'], mean_std, dtype)
+    outputs = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
+    return _correct_sums(network_logits(outputs), batch['label'].astype(jnp.int32), _mask(batch))
+
+  return eval_step
+
+
+def make_leader_eval_step(config: ml_collections.ConfigDict, mean_std: tuple[tuple[float, ...], tuple[float, ...]]
+                          ) -> Callable[[Mapping[str, Any], Batch], dict[str, jax.Array]]:
+  """Builds `fn(leader_variables, batch) -> sums` that runs ONLY the leader backbone.
+
+  `leader_variables` = {'params': params['leader'], 'batch_stats': batch_stats['leader']}. Keys: 'count',
+  'correct/leader', 'correct_top5/leader'.
+  """
+  from ffsd_jax.models import create_backbone  # pylint: disable=g-import-not-at-top
+  backbone = create_backbone(config.model, config.num_classes, _compute_dtype(config))
+  dtype = _compute_dtype(config)
+
+  def leader_eval_step(leader_variables: Mapping[str, Any], batch: Batch) -> dict[str, jax.Array]:
+    images = normalize_images(batch['image'], mean_std, dtype)
+    logits, _ = backbone.apply(dict(leader_variables), images, train=False)
+    return _correct_sums({'leader': logits.astype(jnp.float32)}, batch['label'].astype(jnp.int32), _mask(batch))
+
+  return leader_eval_step
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host-side checks.
+
+
+def validate_batch(batch: Mapping[str, Any], *, num_classes: int, batch_size: int) -> None:
+  """Host-side NumPy checks of one (per-process) batch; raises ValueError naming the problem and the fix."""
+  for key in ('image', 'label'):
+    if key not in batch:
+      raise ValueError(f"The batch has no {key!r} entry (keys: {sorted(batch)}); a batch is {{'image': uint8 "
+                       "(B, H, W, 3), 'label': int32 (B,)}.")
+  images, labels = np.asarray(batch['image']), np.asarray(batch['label'])
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"batch['image'] must be NHWC RGB (B, H, W, 3); got shape {images.shape}.")
+  if images.shape[0] != batch_size:
+    raise ValueError(f"batch['image'] holds {images.shape[0]} examples but the step expects {batch_size} (the "
+                     'per-process batch size); the data pipeline must drop or pad partial batches.')
+  if images.dtype != np.uint8:
+    raise ValueError(f"batch['image'] must be uint8 pixels (normalisation happens on the device); got {images.dtype}.")
+  if labels.shape != (batch_size,):
+    raise ValueError(f"batch['label'] must have shape ({batch_size},); got {labels.shape}.")
+  if labels.dtype != np.int32:
+    raise ValueError(f"batch['label'] must be int32; got {labels.dtype}. Cast it with .astype(np.int32).")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    raise ValueError(f'Labels must lie in [0, {num_classes}) (config.num_classes={num_classes}); got '
+                     f'{bad[:5].tolist()}{"..." if bad.size > 5 else ""}. Check config.num_classes and the dataset.')
+  if 'mask' in batch and np.asarray(batch['mask']).shape != (batch_size,):
+    raise ValueError(f"batch['mask'] must have shape ({batch_size},); got {np.asarray(batch['mask']).shape}.")
+
+
+def check_finite(metrics: Mapping[str, Any]) -> None:
+  """Raises FloatingPointError naming every non-finite metric (host side; the training loop calls it)."""
+  values = {name: float(np.asarray(value)) for name, value in jax.device_get(dict(metrics)).items()}
+  bad = {name: value for name, value in values.items() if not np.isfinite(value)}
+  flagged = values.get('nonfinite', 0.0)
+  if bad or flagged > 0:
+    names = ', '.join(f'{name}={value}' for name, value in sorted(bad.items())) or 'only the nonfinite flag is set'
+    raise FloatingPointError(
+        f'Training produced non-finite values: {names}. Stopping before the state is saved; lower the learning rate '
+        '(or λ), check the input data, or use compute_dtype="float32", then resume from the last checkpoint.')
