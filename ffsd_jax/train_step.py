@@ -114,7 +114,7 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     grad_norms = _group_norms(grads)
     for group, norm in grad_norms.items():
       metrics[f'grad_norm/{group}'] = norm
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
     metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
     return new_state, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
