@@ -151,7 +151,7 @@ def trained(ffsd_state):
 
 
 @pytest.mark.parametrize('method', ['ffsd', 'dml', 'independent'])
-def test_few_steps_reduce_loss_and_raise_accuracy(trained, method):
+def test_few_steps_reduce_loss_and_raise_accuracy(ffsd_state, trained, method):
   state, history, _ = trained[method]
   losses = [float(m['loss/total']) for m in history]
   assert losses[-1] < 0.8 * losses[0], losses
@@ -161,6 +161,12 @@ def test_few_steps_reduce_loss_and_raise_accuracy(trained, method):
     assert max(accuracy[-3:]) >= accuracy[0] + 0.25, (name, accuracy)
   assert int(state.step) == 10
   assert all(float(m['nonfinite']) == 0.0 for m in history)
+  # Every network's running statistics moved (the decoders' through their train-mode pass).
+  _, _, initial = ffsd_state
+  for key in state.batch_stats:
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                                         state.batch_stats[key], initial.batch_stats[key]))
+    assert all(moved), key
 
 
 def test_metric_names_and_in_step_schedules(trained):
