@@ -47,7 +47,10 @@ def create_manager(workdir: str, *, best: bool = False, max_to_keep: int = 2,
   directory = os.path.join(os.path.abspath(workdir), BEST_DIR if best else LATEST_DIR)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1 if best else max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=True)
+      enable_async_checkpointing=True,
+      # Both managers may save the same step (an epoch end with a new best leader); on multi-host runs their
+      # barriers are keyed by step, so each manager needs its own prefix.
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix='best' if best else 'latest'))
   return ocp.CheckpointManager(directory, options=options, item_names=ITEM_NAMES)
 
 

@@ -20,7 +20,7 @@ from ffsd_jax import metric_writers
 from ffsd_jax import train_loop
 from ffsd_jax import train_state as train_state_lib
 from ffsd_jax.data.normalization import normalize_images
-from test_sharding import REPO_ROOT, tiny_config
+from test_sharding import REPO_ROOT, fast_compilation, tiny_config  # pylint: disable=unused-import
 
 TOTAL_STEPS = 6  # 2k steps, k = 3: not a multiple of log_every_steps (2), so a logging window spans the stop.
 STOP_STEP = 3
