@@ -11,9 +11,11 @@ import sys
 os.environ.setdefault('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
   os.environ['XLA_FLAGS'] += ' --xla_force_host_platform_device_count=8'
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# CPU by default; FFSD_TEST_PLATFORMS=cuda,cpu runs the suite with the GPU as the default backend (gpu_check.sh).
+os.environ.setdefault('JAX_PLATFORMS', os.environ.get('FFSD_TEST_PLATFORMS', 'cpu'))
 
 import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
@@ -25,3 +27,17 @@ jax.config.update('jax_compilation_cache_dir', os.environ.get(
     'FFSD_TEST_COMPILATION_CACHE', str(pathlib.Path.home() / '.cache' / 'ffsd_jax_test_xla')))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'multi_device: needs 8 devices of the default backend (8 simulated CPUs here)')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  if jax.device_count() >= 8:
+    return
+  skip = pytest.mark.skip(reason=f'needs 8 devices; the default backend has {jax.device_count()}')
+  for item in items:
+    if 'multi_device' in item.keywords:
+      item.add_marker(skip)

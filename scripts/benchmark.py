@@ -1,0 +1,198 @@
+r"""Train-step benchmark: compile time, step time, images/s, FLOP utilisation and memory, FFSD vs independent.
+
+For one config it measures the jitted train step for every (method, compute dtype, batch size) combination asked for
+and prints one line per measurement; with --output it also writes them as JSON. The FFSD overhead ratio is the FFSD
+step time divided by the time of training the same networks (students + leader) with cross-entropy alone
+(`method=independent`) under the same dtype and batch size.
+
+Data come from the synthetic source by default (compute-bound figures); `--data=real` feeds the configured real
+pipeline through the same loop, so input-bound figures are visible too.
+
+Examples:
+  python scripts/benchmark.py --config configs/cifar100_resnet32.py
+  python scripts/benchmark.py --config configs/imagenet_resnet18.py --dtypes bfloat16 --batch_sizes 256 \
+      --output /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ffsd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from ffsd_jax import sharding as sharding_lib
+from ffsd_jax import train_state as train_state_lib
+from ffsd_jax import train_step as train_step_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_METHODS = flags.DEFINE_list('methods', ['ffsd', 'independent'], 'Methods to time side by side.')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to time.')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', None, 'Global batch sizes (default: the config\'s).')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per measurement (after warm-up).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+_DATA = flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'], 'Where batches come from.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Write the measurements to this JSON file.')
+
+# Dense peak TFLOP/s by device kind substring and compute dtype (vendor data sheets, SXM parts, no sparsity).
+# float32 matmuls on Hopper run as TF32 by default in XLA, so the TF32 peak is the relevant ceiling.
+PEAK_TFLOPS = {
+    'H100': {'bfloat16': 989.0, 'float32': 494.7},
+    'H200': {'bfloat16': 989.0, 'float32': 494.7},
+    'A100': {'bfloat16': 312.0, 'float32': 156.0},
+}
+
+
+def _peak_tflops(device: jax.Device, dtype: str) -> float | None:
+  for kind, peaks in PEAK_TFLOPS.items():
+    if kind in device.device_kind:
+      return peaks[dtype]
+  return None
+
+
+def _flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older JAX returned one dict per computation.
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  return float(analysis['flops'])
+
+
+def _peak_memory_bytes(device: jax.Device) -> tuple[int | None, str]:
+  stats = device.memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+  # CPU devices have no allocator statistics: report the process's peak resident set instead.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process max RSS (CPU)'
+
+
+def _batches(config, batch_size: int, info, num_batches: int):
+  """Yields host batches: a fixed synthetic one, or the real pipeline's."""
+  if _DATA.value == 'synthetic':
+    rng = np.random.default_rng(0)
+    batch = {
+        'image': rng.integers(0, 256, (batch_size, info.image_size, info.image_size, 3), dtype=np.uint8),
+        'label': rng.integers(0, info.num_classes, (batch_size,), dtype=np.int32),
+    }
+    for _ in range(num_batches):
+      yield batch
+  else:
+    iterator = data_lib.create_train_iterator(
+        config, global_batch_size=batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=config.seed)
+    for _ in range(num_batches):
+      yield next(iterator)
+
+
+def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
+  """Compiles and times the train step for one setting; returns the figures."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.method = method
+    config.compute_dtype = dtype
+    config.batch_size = batch_size
+  if _DATA.value == 'synthetic':
+    with config.unlocked():
+      config.dataset = 'synthetic'
+  info = data_lib.get_dataset_info(config)
+  steps_per_epoch = max(1, info.num_train_examples // batch_size)
+  mesh = sharding_lib.create_mesh()
+  sharding_lib.check_batch_size(batch_size, mesh)
+  model = train_state_lib.create_model(config)
+  state, _ = sharding_lib.create_sharded(
+      lambda: train_state_lib.create_train_state(config, model, jax.random.key(config.seed), steps_per_epoch), mesh)
+  replicated, batch_sharded = sharding_lib.replicated_sharding(mesh), sharding_lib.batch_sharding(mesh)
+  # The same jit as the training loop: replicated state (donated), batch sharded on the data axis.
+  jitted = jax.jit(train_step_lib.make_train_step(model, config, steps_per_epoch, info.mean_std),
+                   in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
+                   donate_argnums=(0,))
+
+  batches = _batches(config, batch_size, info, 1 + _WARMUP.value + _STEPS.value)
+  first = sharding_lib.make_global_batch(next(batches), mesh)
+  start = time.perf_counter()
+  compiled = jitted.lower(state, first).compile()
+  compile_s = time.perf_counter() - start
+  flops = _flops(compiled)
+
+  state, metrics = compiled(state, first)
+  jax.block_until_ready(metrics)
+  for _ in range(_WARMUP.value):
+    state, metrics = compiled(state, sharding_lib.make_global_batch(next(batches), mesh))
+  jax.block_until_ready((state, metrics))
+  times = []
+  for host_batch in batches:
+    batch = sharding_lib.make_global_batch(host_batch, mesh)
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+
+  device = jax.devices()[0]
+  median = statistics.median(times)
+  peak_memory, memory_source = _peak_memory_bytes(device)
+  result = {
+      'model': config.model, 'method': method, 'dtype': dtype, 'batch_size': batch_size, 'data': _DATA.value,
+      'num_devices': jax.device_count(), 'device_kind': device.device_kind, 'compile_s': compile_s,
+      'step_s_median': median, 'step_s_min': min(times), 'step_s_max': max(times), 'timed_steps': len(times),
+      'images_per_s': batch_size / median, 'images_per_s_per_device': batch_size / median / jax.device_count(),
+      'step_gflops': None if flops is None else flops / 1e9,
+      'achieved_tflops': None if flops is None else flops / median / 1e12,
+      'peak_memory_gib': peak_memory / 2**30, 'peak_memory_source': memory_source,
+  }
+  peak = _peak_tflops(device, dtype)
+  if peak is not None and flops is not None:
+    result['share_of_peak'] = result['achieved_tflops'] / (peak * jax.device_count())
+  return result
+
+
+def _write(results: list[dict[str, Any]]) -> None:
+  """Writes the measurements so far (after each one, so a run cut short keeps what it measured)."""
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w') as f:
+      json.dump({'jax_version': jax.__version__, 'python': platform.python_version(), 'results': results}, f,
+                indent=1)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  batch_sizes = [int(b) for b in (_BATCH_SIZES.value or [config.batch_size])]
+  print(f'# jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, '
+        f'python {platform.python_version()}, config model={config.model}, data={_DATA.value}', flush=True)
+  results = []
+  for dtype in _DTYPES.value:
+    for batch_size in batch_sizes:
+      by_method = {}
+      for method in _METHODS.value:
+        result = measure(config, method, dtype, batch_size)
+        by_method[method] = result
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        _write(results)
+      if 'ffsd' in by_method and 'independent' in by_method:
+        ratio = by_method['ffsd']['step_s_median'] / by_method['independent']['step_s_median']
+        by_method['ffsd']['ffsd_overhead_ratio'] = ratio
+        print(f'# {config.model} {dtype} batch {batch_size}: FFSD overhead ratio {ratio:.3f} '
+              f'(ffsd {by_method["ffsd"]["step_s_median"]*1e3:.1f} ms, '
+              f'independent {by_method["independent"]["step_s_median"]*1e3:.1f} ms)', flush=True)
+  _write(results)
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)
