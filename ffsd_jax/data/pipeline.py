@@ -9,6 +9,8 @@ of processes. Batch k of the stream is therefore a pure function of k, and the i
 
 from __future__ import annotations
 
+import atexit
+import os
 import queue
 import threading
 from typing import Any, Callable, Iterator
@@ -103,6 +105,8 @@ class ResumableIterator:
             break
       except BaseException as error:  # Surface worker errors (e.g. an unreadable image) in the caller.
         out.put(('error', error))
+      finally:
+        _close_quietly(stream)  # Ends grain's worker processes now rather than at garbage collection.
 
     self._thread = threading.Thread(target=produce, daemon=True, name='ffsd-input')
     self._thread.start()
@@ -148,6 +152,8 @@ class ResumableIterator:
   def close(self):
     """Stops the prefetch thread; iteration can continue (it restarts from the current position)."""
     self._halt()
+    if self._sync_stream is not None:
+      _close_quietly(self._sync_stream)
     self._sync_stream = None
 
   def __del__(self):
@@ -205,19 +211,62 @@ class _ImageNetTrainExample:
     return {'image': augment.imagenet_train_transform(image, rng, self._size), 'label': np.int32(label)}
 
 
+# Decoding threads when there are no worker processes (PIL releases the GIL while it decodes and resizes).
+def _default_num_threads() -> int:
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    cores = os.cpu_count() or 2
+  return min(16, max(2, cores))
+
+
+# Batches each worker process keeps ready (grain's per-worker buffer); a few are enough since a worker builds whole
+# batches, and each one costs local_batch decoded images of memory.
+_PER_WORKER_BUFFER_BATCHES = 2
+
+
+def _mark_absl_flags_parsed() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    # grain's worker processes read absl flags; outside absl.app (scripts, tests) they are not parsed yet.
+    flags.FLAGS.mark_as_parsed()
+
+
 def _grain_stream(element_fn, start_position: int, stop_position: int, local_batch: int, num_workers: int,
-                  num_threads: int):
+                  num_threads: int | None = None):
+  """An iterator over the batches of positions [start_position, stop_position), in order, per worker setting.
+
+  Both settings yield exactly the same batches (position p always lands in batch p // local_batch):
+  - num_workers == 0: threads decode single examples in parallel and batching happens after the prefetch, so the
+    prefetch buffer counts examples (2 batches' worth) and the first batch is ready after ~1 batch of work.
+  - num_workers > 0: every worker process builds whole batches, one example after another (no threads: the process
+    is the unit of parallelism), and grain interleaves the workers' batches round-robin, i.e. in order. Each worker
+    holds at most _PER_WORKER_BUFFER_BATCHES finished batches.
+  """
   import grain  # pylint: disable=g-import-not-at-top
   dataset = grain.MapDataset.range(start_position, stop_position).map(element_fn)
+  if num_workers == 0:
+    threads = num_threads or _default_num_threads()
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * local_batch))
+    return iter(dataset.batch(local_batch, drop_remainder=True))
+  # grain's ReadOptions.prefetch_buffer_size counts the elements of the dataset it reads, here batches: no thread
+  # prefetch inside a worker (the earlier 2 * local_batch *batches* per worker held e.g. 512 x 256 images at batch
+  # 256 and made every restart decode them first).
   dataset = dataset.batch(local_batch, drop_remainder=True)
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local_batch))
-  if num_workers > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      # grain's worker processes read absl flags; outside absl.app (scripts, tests) they are not parsed yet.
-      flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  _mark_absl_flags_parsed()
+  dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                             per_worker_buffer_size=_PER_WORKER_BUFFER_BATCHES))
   return iter(dataset)
+
+
+def _close_quietly(iterator) -> None:
+  close = getattr(iterator, 'close', None)
+  if close is not None:
+    try:
+      close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
 
 def grain_train_iterator(reader, num_examples: int, *, image_size: int, global_batch_size: int, process_index: int,
@@ -227,11 +276,9 @@ def grain_train_iterator(reader, num_examples: int, *, image_size: int, global_b
   layout = _Layout(num_examples, global_batch_size, process_index, process_count)
   element_fn = _ImageNetTrainExample(reader, layout, num_examples, seed, image_size)
   local_batch = layout.local_batch
-  # Threads decode in parallel in the main process when there are no worker processes (PIL releases the GIL).
-  num_threads = 16 if num_workers == 0 else 2
 
   def stream_factory(start_batch: int):
-    return _grain_stream(element_fn, start_batch * local_batch, 2**62, local_batch, num_workers, num_threads)
+    return _grain_stream(element_fn, start_batch * local_batch, 2**62, local_batch, num_workers)
 
   def make_batch(k: int):
     return next(stream_factory(k))
@@ -297,19 +344,88 @@ class _ImageNetEvalExample:
             'mask': np.bool_(True)}
 
 
+class _LiveEvalWorkers:
+  """A grain worker stream over the eval batches repeated forever, kept alive between evaluations.
+
+  Starting grain workers is the expensive part of a short eval pass (each spawned process imports grain, which
+  imports jax, plus the parent's main module), so one set of workers serves every evaluation: pass after pass reads
+  the next `num_batches` batches of the repeated stream. `offset` counts batches handed out; a pass that stopped
+  early leaves it off a pass boundary and the next pass starts fresh workers instead.
+  """
+
+  def __init__(self, key: tuple, element_fn, layout: EvalLayout, num_workers: int):
+    import grain  # pylint: disable=g-import-not-at-top
+    self.key, self.offset, self.busy = key, 0, False
+    dataset = grain.MapDataset.range(0, layout.num_batches * layout.local_batch).map(element_fn)
+    dataset = dataset.batch(layout.local_batch, drop_remainder=True).repeat(None)
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    _mark_absl_flags_parsed()
+    self.stream = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER_BATCHES)))
+
+  def close(self):
+    _close_quietly(self.stream)
+
+
+_live_eval_workers: list[_LiveEvalWorkers] = []  # At most one: the eval split of the current run.
+_live_eval_lock = threading.Lock()
+
+
+def close_eval_workers() -> None:
+  """Ends the worker processes kept for evaluation (they also end with the main process)."""
+  with _live_eval_lock:
+    while _live_eval_workers:
+      _live_eval_workers.pop().close()
+
+
+atexit.register(close_eval_workers)
+
+
 class GrainEvalBatches:
-  """Re-iterable padded eval batches decoded in grain workers."""
+  """Re-iterable padded eval batches decoded in grain workers (or threads when num_workers is 0).
+
+  With workers, the worker processes persist across passes (see _LiveEvalWorkers), also across GrainEvalBatches
+  objects made for the same reader and layout, so an evaluation after every epoch does not pay their start-up.
+  """
 
   def __init__(self, reader, layout: EvalLayout, image_size: int, resize_size: int, num_workers: int):
     self._element_fn = _ImageNetEvalExample(reader, layout, image_size, resize_size)
     self._layout, self._num_workers = layout, num_workers
+    self._key = (reader, layout.num_examples, layout.global_batch, layout.local_batch, layout.process_index,
+                 image_size, resize_size, num_workers)
 
   def __len__(self) -> int:
     return self._layout.num_batches
 
   def __iter__(self):
     layout = self._layout
-    num_threads = 16 if self._num_workers == 0 else 2
-    return _grain_stream(self._element_fn, 0, layout.num_batches * layout.local_batch, layout.local_batch,
-                         self._num_workers, num_threads)
+    if self._num_workers == 0:
+      return _grain_stream(self._element_fn, 0, layout.num_batches * layout.local_batch, layout.local_batch, 0)
+    return self._from_live_workers()
 
+  def _acquire(self) -> _LiveEvalWorkers:
+    with _live_eval_lock:
+      live = _live_eval_workers[0] if _live_eval_workers else None
+      if live is not None and not live.busy and live.key == self._key and live.offset % len(self) == 0:
+        live.busy = True
+        return live
+      if live is not None and not live.busy:  # Another split or layout, or a pass that stopped early.
+        _live_eval_workers.pop().close()
+      live = _LiveEvalWorkers(self._key, self._element_fn, self._layout, self._num_workers)
+      live.busy = True
+      if not _live_eval_workers:
+        _live_eval_workers.append(live)
+      return live
+
+  def _from_live_workers(self):
+    live = self._acquire()
+    kept = bool(_live_eval_workers) and _live_eval_workers[0] is live
+    try:
+      for _ in range(len(self)):
+        batch = next(live.stream)
+        live.offset += 1
+        yield batch
+    finally:
+      live.busy = False
+      if not kept:  # A second, concurrent pass over the same split got its own workers.
+        live.close()
