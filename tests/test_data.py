@@ -401,3 +401,28 @@ def test_imagenet_real_samples_eval_and_train(tmp_path):
   assert count == 10
   batch = next(data.create_train_iterator(config, global_batch_size=4, process_index=0, process_count=1, seed=0))
   assert batch['image'].shape == (4, 224, 224, 3) and set(batch['label'].tolist()) <= set(by_label)
+
+
+# Runs last: importing grain (as this test does) before test_mock_data_imagenet2012 breaks its tfds mock.
+def test_imagenet_style_stream_is_in_order_and_resumes():
+  """Batch k of the per-example (grain) path is examples [k*B, (k+1)*B) of the stream, whatever the thread count."""
+  config = _synthetic(n=40, image_size=72, num_classes=10)
+  reader = data._plan(config).train_reader  # pylint: disable=protected-access
+  layout = pipeline._Layout(40, 8, 0, 1)  # pylint: disable=protected-access
+  element_fn = pipeline._ImageNetTrainExample(reader, layout, 40, 0, 72)  # pylint: disable=protected-access
+  expected = [element_fn(p) for p in range(8, 8 * 7)]  # Batches 1..6, across the epoch boundary (5 steps).
+  for threads in (1, 3):
+    stream = pipeline._grain_stream(element_fn, 8, 2**62, 8, num_workers=0, num_threads=threads)  # pylint: disable=protected-access
+    for k in range(6):
+      batch = next(stream)
+      np.testing.assert_array_equal(batch['image'], np.stack([e['image'] for e in expected[8 * k:8 * k + 8]]))
+      np.testing.assert_array_equal(batch['label'], [e['label'] for e in expected[8 * k:8 * k + 8]])
+  make = lambda: data.create_train_iterator(config, global_batch_size=8, process_index=0, process_count=1, seed=0)  # noqa: E731
+  full = _take(make(), 7)
+  resumed = make()
+  resumed.set_state(json.loads(json.dumps(dict(full_state := make().get_state(), next_batch=4))))
+  assert full_state['next_batch'] == 0
+  for a, b in zip(full[4:], _take(resumed, 3)):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  np.testing.assert_array_equal(full[1]['image'], np.stack([e['image'] for e in expected[:8]]))
