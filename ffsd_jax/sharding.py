@@ -89,6 +89,25 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mes
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+# Initialisation runs once, so its program is compiled without XLA's expensive passes: for the FFSD tiny model on a
+# 2-core CPU this cut the compile from 55 s to 8.5 s (the values differ by at most ~1e-7 from an optimised build).
+_FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def init_replicated(init_fn: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
+  """Runs `init_fn` under `jax.jit` with every output replicated on the mesh (a run-once, quickly compiled program).
+
+  One sharding is given as a prefix of the output: static fields (e.g. an optimizer) differ between traces, so a
+  tree of shardings built from an earlier `jax.eval_shape` would not match the output's structure.
+  """
+  lowered = jax.jit(init_fn, out_shardings=replicated_sharding(mesh)).lower()
+  try:
+    compiled = lowered.compile(compiler_options=_FAST_COMPILE_OPTIONS)
+  except Exception:  # pylint: disable=broad-except
+    compiled = lowered.compile()  # A backend that rejects the options: compile normally.
+  return compiled()
+
+
 def create_sharded(init_fn: Callable[[], Any], mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   """Creates a replicated pytree (e.g. the train state) directly in its sharding, shapes before memory.
 
@@ -99,9 +118,7 @@ def create_sharded(init_fn: Callable[[], Any], mesh: jax.sharding.Mesh) -> tuple
     (tree, abstract_tree) where abstract_tree holds `jax.ShapeDtypeStruct`s with shardings (a restore target).
   """
   abstract = abstract_with_sharding(jax.eval_shape(init_fn), mesh)
-  # One sharding as a prefix of the output: static fields (e.g. an optimizer) differ between traces, so a tree of
-  # shardings built from `abstract` would not match the output's structure.
-  tree = jax.jit(init_fn, out_shardings=replicated_sharding(mesh))()
+  tree = init_replicated(init_fn, mesh)
   return tree, abstract
 
 

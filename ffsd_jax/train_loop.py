@@ -165,9 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_iter.set_state(iterator_state)
     logging.info('Resuming from step %d in %s.', latest, workdir)
   else:
-    # One sharding as a prefix: the static optimizer in the state differs between traces, so a full tree of
-    # shardings taken from `abstract_state` would not match the output's tree structure.
-    state = jax.jit(init_fn, out_shardings=replicated)()
+    state = sharding.init_replicated(init_fn, mesh)
     loop_state = {}
   step = int(_to_host(state.step))
 
@@ -224,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   epoch_bar = tqdm(total=num_epochs, initial=step // steps_per_epoch, desc='epochs', unit='epoch',
                    disable=None if _is_leader_process() else True)
   window_start_time, window_start_step = time.time(), step
+  first_step = step
   preempted = agreed_preemption = False
   try:
     while step < total_steps:
@@ -233,6 +232,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       window_steps += 1
       epoch = step / steps_per_epoch
+      if step == first_step + 1:
+        # Steps/s and the ETA leave out the first step's compilation (the only extra device sync of the run).
+        jax.block_until_ready(metric_sums)
+        window_start_time, window_start_step = time.time(), step
 
       if step % config.log_every_steps == 0 or step == total_steps:
         averages = {k: v / window_steps for k, v in fetch_window().items()}
@@ -254,6 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
           agreed_preemption = bool(np.any(multihost_utils.process_allgather(np.array(preemption.requested))))
 
+      io_start = time.time()
       epoch_end = step % steps_per_epoch == 0
       if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps:
         sums = _eval_loop(eval_step, state, config, info, mesh, desc=f'eval epoch {math.ceil(epoch)}')
@@ -269,13 +273,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        best_leader_top1)
         if improved:
           save(best_manager, step)
-        window_start_time = time.time()  # Steps/s measures training only, not the evaluation.
       if epoch_end:
         epoch_bar.update(1)
 
       preempted = preemption.requested if jax.process_count() == 1 else agreed_preemption
       if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
         save(manager, step)
+      # Steps/s and the ETA measure training only: the time spent evaluating and saving is left out.
+      window_start_time += time.time() - io_start
       if preempted:
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved. Rerun the same command to '
                         'resume.', step)
