@@ -32,11 +32,13 @@ def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top
   state, step, path, _, info = train_loop.restore_for_inference(config, workdir, checkpoint)
   export_dir = os.path.abspath(export_dir or os.path.join(workdir, 'export'))
-  leader = {'params': state.params['leader'], 'batch_stats': state.batch_stats['leader']}
+  network = train_loop.deployed_network(config)  # The leader; student_0 for 'dml', which has no leader.
+  leader = {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
   # Replicated arrays: every process holds a full copy, so read the local one (also on multi-host runs).
   leader = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), leader)
   metadata = {
       'model': config.model,
+      'network': network,
       'num_classes': int(info.num_classes),
       'image_size': int(info.image_size),
       'mean_std': [list(map(float, v)) for v in info.mean_std],

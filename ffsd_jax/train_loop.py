@@ -34,6 +34,12 @@ EVAL_LEADER_FILE = 'eval_leader.json'
 SUMMARY_FILE = 'summary.json'
 
 
+def deployed_network(config: ml_collections.ConfigDict) -> str:
+  """The network that is tracked for the best checkpoint, evaluated alone and exported: the leader, or for 'dml'
+  (which trains only the students) student_0."""
+  return 'student_0' if config.method == 'dml' else 'leader'
+
+
 def _data():
   from ffsd_jax import data  # pylint: disable=g-import-not-at-top
   return data
@@ -223,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    disable=None if _is_leader_process() else True)
   window_start_time, window_start_step = time.time(), step
   first_step = step
+  tracked = deployed_network(config)  # The best checkpoint follows this network's eval top-1.
   preempted = agreed_preemption = False
   try:
     while step < total_steps:
@@ -262,14 +269,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps:
         sums = _eval_loop(eval_step, state, config, info, mesh, desc=f'eval epoch {math.ceil(epoch)}')
         last_eval = _eval_results(sums, with_top5)
-        leader_top1 = last_eval['eval/top1/leader']
+        leader_top1 = last_eval[f'eval/top1/{tracked}']
         improved = leader_top1 > best_leader_top1
         best_leader_top1 = max(best_leader_top1, leader_top1)
-        writer.write_scalars(step, {**last_eval, 'eval/best_top1/leader': best_leader_top1}, epoch=epoch)
+        writer.write_scalars(step, {**last_eval, f'eval/best_top1/{tracked}': best_leader_top1}, epoch=epoch)
         writer.flush()
         if _is_leader_process():
-          logging.info('eval after epoch %.2f (step %d): %s | leader best %.2f', epoch, step,
-                       ', '.join(f'{k[len("eval/"):]} {v:.2f}' for k, v in sorted(last_eval.items())),
+          logging.info('eval after epoch %.2f (step %d): %s | %s best %.2f', epoch, step,
+                       ', '.join(f'{k[len("eval/"):]} {v:.2f}' for k, v in sorted(last_eval.items())), tracked,
                        best_leader_top1)
         if improved:
           save(best_manager, step)
@@ -295,7 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
 
   summary = {'step': step, 'total_steps': total_steps, 'preempted': preempted,
-             'best_leader_top1': best_leader_top1, 'last_leader_top1': last_eval.get('eval/top1/leader'),
+             'network': tracked, 'best_leader_top1': best_leader_top1,
+             'last_leader_top1': last_eval.get(f'eval/top1/{tracked}'),
              'last_eval': last_eval}
   if _is_leader_process() and not preempted:
     with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
@@ -334,16 +342,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
   replicated = sharding.replicated_sharding(mesh)
   leader_eval = jax.jit(_train_step().make_leader_eval_step(config, info.mean_std),
                         in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
-  leader = {'params': state.params['leader'], 'batch_stats': state.batch_stats['leader']}
-  sums = _eval_loop(leader_eval, leader, config, info, mesh, desc='eval leader')
+  network = deployed_network(config)
+  leader = {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
+  sums = _eval_loop(leader_eval, leader, config, info, mesh, desc=f'eval {network}')
   count = sums['count']
   top1 = [v for k, v in sums.items() if k == 'correct' or k.startswith('correct/')]
   top5 = [v for k, v in sums.items() if k == 'correct_top5' or k.startswith('correct_top5/')]
   result = {'top1': 100.0 * top1[0] / count, 'top5': 100.0 * top5[0] / count if top5 else None,
-            'num_examples': int(count), 'step': int(step), 'checkpoint': path, 'model': config.model}
+            'num_examples': int(count), 'step': int(step), 'checkpoint': path, 'model': config.model,
+            'network': network}
   if _is_leader_process():
     with open(os.path.join(workdir, EVAL_LEADER_FILE), 'w') as f:
       json.dump(result, f, indent=2)
-    logging.info('Leader (%s) from %s: top-1 %.2f%%%s', config.model, path, result['top1'],
+    logging.info('%s (%s) from %s: top-1 %.2f%%%s', network, config.model, path, result['top1'],
                  f', top-5 {result["top5"]:.2f}%' if top5 else '')
   return result
