@@ -37,7 +37,8 @@ def plot(runs: dict[str, list[dict]], out: str) -> str:
   """Writes the figure for `runs` ({label: records}) to `out`; returns `out`."""
   eval_keys = sorted({k for records in runs.values() for r in records for k in r if k.startswith('eval/top1/')})
   loss_keys = sorted({k for records in runs.values() for r in records for k in r
-                      if not k.startswith(('eval/', 'accuracy/', 'lr', 'steps_per_sec', 'lambda'))
+                      if not k.startswith(('eval/', 'accuracy/', 'learning_rate', 'grad_norm', 'steps_per_sec',
+                                           'lambda', 'nonfinite'))
                       and k not in ('step', 'epoch') and ('loss' in k or '/' in k)})
   num_panels = 1 + len(loss_keys)
   cols = min(3, num_panels)
@@ -52,7 +53,8 @@ def plot(runs: dict[str, list[dict]], out: str) -> str:
       net = key[len('eval/top1/'):]
       x, y = _series(records, key)
       if x:
-        ax.plot(x, y, styles[j % len(styles)], color=colours[i % len(colours)], lw=2.0 if net == 'leader' else 1.0,
+        ax.plot(x, y, styles[j % len(styles)], marker='.', color=colours[i % len(colours)],
+                lw=2.0 if net == 'leader' else 1.0,
                 label=f'{label}: {net}')
   ax.set(title='eval top-1 (%)', xlabel='epoch')
   ax.grid(alpha=0.3)
