@@ -187,3 +187,13 @@ def test_truncated_checkpoint_fails_and_is_untouched(straight_run, tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='truncated'):
     train_loop.evaluate(tiny_config(), str(workdir), checkpoint='latest')
   assert _tree_hashes(workdir) == before
+
+
+def test_plot_metrics_draws_runs(straight_run, tmp_path):
+  sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
+  import plot_metrics  # pylint: disable=g-import-not-at-top
+  workdir = str(straight_run[0])
+  out = plot_metrics.plot({'a': plot_metrics.read_run(workdir), 'b': plot_metrics.read_run(workdir)},
+                          str(tmp_path / 'metrics.png'))
+  with open(out, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
