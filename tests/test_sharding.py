@@ -94,6 +94,7 @@ def one_step():
               sharded=(sharded_state, sharded_metrics))
 
 
+@pytest.mark.multi_device
 def test_sharded_step_equals_single_device_step(one_step):
   single_state, single_metrics = one_step['single']
   sharded_state, sharded_metrics = one_step['sharded']
@@ -125,6 +126,7 @@ def _numpy_conv3x3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   return out
 
 
+@pytest.mark.multi_device
 def test_batch_norm_running_statistics_are_global_batch_statistics(one_step):
   """bn1 of student_0 after one sharded step: 0.9·old + 0.1·(mean, biased var) over all 16 images, not per shard."""
   (mean, std), state = one_step['mean_std'], one_step['state']
@@ -143,6 +145,7 @@ def test_batch_norm_running_statistics_are_global_batch_statistics(one_step):
   assert np.abs(0.1 * (per_shard_var - global_var)).max() > 1e-3
 
 
+@pytest.mark.multi_device
 def test_batch_size_not_divisible_by_device_count_fails_clearly():
   mesh = sharding.create_mesh()
   with pytest.raises(ValueError, match=r'batch_size=12 is not divisible by the number of devices \(8\).*16'):
@@ -170,6 +173,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.multi_device
 def test_two_processes_match_one_process(tmp_path):
   """2 processes x 4 CPU devices (jax.distributed over localhost) == 1 process x 8 devices: params and metrics."""
   from ffsd_jax import metric_writers, train_loop  # pylint: disable=g-import-not-at-top

@@ -143,6 +143,7 @@ def test_exported_leader_gives_the_train_state_leader_logits(straight_run, tmp_p
     leader_logits(images.astype(np.float32))
 
 
+@pytest.mark.multi_device
 def test_batch_not_divisible_by_device_count_fails_before_writing(tmp_path):
   with pytest.raises(ValueError, match='not divisible by the number of devices'):
     train_loop.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path / 'run'))
