@@ -8,11 +8,13 @@ Run:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default FFSD configuration (CIFAR-100, ResNet-32, 2 students + 1 leader)."""
   config = ml_collections.ConfigDict()
+  # Optional values are typed placeholders (None by default) so that `--config.KEY=VALUE` can set them.
   config.seed = 0
 
   # Networks (reference §1, §3).
@@ -23,17 +25,23 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data (reference §9). `dataset` is 'cifar100', 'cifar10', 'imagenet2012', 'image_folder' or 'synthetic'.
   config.dataset = 'cifar100'
-  config.data_dir = None  # TFDS data_dir (prepared with scripts/prepare_data.py); None = TFDS default.
-  config.image_folder = None  # Root of <root>/train/<class>/* and <root>/test|val/<class>/* for 'image_folder'.
+  # TFDS data_dir (prepared with scripts/prepare_data.py); None = TFDS default.
+  config.data_dir = config_dict.placeholder(str)
+  # Root of <root>/train/<class>/* and <root>/test|val/<class>/* for 'image_folder'.
+  config.image_folder = config_dict.placeholder(str)
   config.num_classes = 100
   config.image_size = 32
   config.num_data_workers = 0  # grain worker processes; 0 decodes in the main process.
   config.synthetic_num_train_examples = 50_000  # Only for dataset='synthetic'.
   config.synthetic_num_eval_examples = 10_000  # Only for dataset='synthetic'.
-  config.tfds_name = None  # Read a TFDS dataset prepared under another name (e.g. 'cifar10_jpeg').
-  config.normalization = None  # 'cifar100' | 'cifar10' | 'imagenet' for image folders / synthetic; None = by size.
-  config.data_cache_dir = None  # Where decoded CIFAR-size arrays are cached; None = the data code's default.
-  config.eval_resize_size = None  # ImageNet-style eval: resize to this, then centre-crop; None = size·256/224.
+  # Read a TFDS dataset prepared under another name (e.g. 'cifar10_jpeg').
+  config.tfds_name = config_dict.placeholder(str)
+  # 'cifar100' | 'cifar10' | 'imagenet' for image folders / synthetic; None = by size.
+  config.normalization = config_dict.placeholder(str)
+  # Where decoded CIFAR-size arrays are cached; None = the data code's default.
+  config.data_cache_dir = config_dict.placeholder(str)
+  # ImageNet-style eval: resize to this, then centre-crop; None = size·256/224.
+  config.eval_resize_size = config_dict.placeholder(int)
 
   # Optimisation (reference §8).
   config.batch_size = 128  # Global batch over all devices and hosts.

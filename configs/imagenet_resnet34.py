@@ -1,4 +1,4 @@
-"""FFSD on ImageNet (ILSVRC-2012) with ResNet-34: 2 students + 1 leader, 89 epochs, global batch 256 (reference §8).
+"""FFSD on ImageNet (ILSVRC-2012) with ResNet-34: the ResNet-18 recipe (configs/imagenet_resnet18.py), deeper nets.
 
 Run (prepare the data first, see scripts/prepare_data.py; multi-host launch in the README):
   python main.py --config configs/imagenet_resnet34.py --workdir runs/imagenet_resnet34_ffsd \
@@ -7,24 +7,11 @@ Run (prepare the data first, see scripts/prepare_data.py; multi-host launch in t
 Expected (reference §11.1, official README, one run): leader top-1 74.69% (best epoch; top-5 is logged too).
 """
 
-from configs.default import get_config as get_default_config
+from configs.imagenet_resnet18 import get_config as get_resnet18_config
 
 
 def get_config():
   """ImageNet, ResNet-34, FFSD."""
-  config = get_default_config()
+  config = get_resnet18_config()
   config.model = 'resnet34'
-  config.dataset = 'imagenet2012'
-  config.num_classes = 1000
-  config.image_size = 224
-  config.batch_size = 256
-  config.eval_batch_size = 256
-  config.num_epochs = 89  # The reference's range(1, 90).
-  # Students, leader, fusion: 0.1·0.1^(epoch//30 + [epoch>=80]) with the 5-epoch warm-up, set every iteration;
-  # the decoders' Adam steps down at these epochs.
-  config.lr_schedule = 'imagenet'
-  config.lr_boundaries = (30, 60, 80)
-  config.num_data_workers = 8
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 2000
   return config
