@@ -18,6 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ffsd_jax import models
+from ffsd_jax.data.normalization import normalize_images
+
 PARAMS_FILE = 'leader.msgpack'
 METADATA_FILE = 'leader.json'
 
@@ -29,6 +32,7 @@ def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   Returns:
     The export folder.
   """
+  # Imported here so that `load_leader` (inference) does not pull in the training stack (grain, TFDS, Orbax).
   from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top
   state, step, path, _, info = train_loop.restore_for_inference(config, workdir, checkpoint)
   export_dir = os.path.abspath(export_dir or os.path.join(workdir, 'export'))
@@ -63,8 +67,6 @@ def load_leader(export_dir: str) -> Callable[[Any], jax.Array]:
   The function normalises the images with the dataset's mean/std and runs the leader backbone in eval mode
   (running batch-norm statistics).
   """
-  from ffsd_jax import models  # pylint: disable=g-import-not-at-top
-  from ffsd_jax.data.normalization import normalize_images  # pylint: disable=g-import-not-at-top
   with open(os.path.join(export_dir, METADATA_FILE)) as f:
     metadata = json.load(f)
   with open(os.path.join(export_dir, PARAMS_FILE), 'rb') as f:

@@ -27,8 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ffsd_jax import checkpointing
+from ffsd_jax import data as data_lib
 from ffsd_jax import metric_writers
 from ffsd_jax import sharding
+from ffsd_jax import train_state as train_state_lib
+from ffsd_jax import train_step as train_step_lib
 
 EVAL_LEADER_FILE = 'eval_leader.json'
 SUMMARY_FILE = 'summary.json'
@@ -38,21 +41,6 @@ def deployed_network(config: ml_collections.ConfigDict) -> str:
   """The network that is tracked for the best checkpoint, evaluated alone and exported: the leader, or for 'dml'
   (which trains only the students) student_0."""
   return 'student_0' if config.method == 'dml' else 'leader'
-
-
-def _data():
-  from ffsd_jax import data  # pylint: disable=g-import-not-at-top
-  return data
-
-
-def _train_state():
-  from ffsd_jax import train_state  # pylint: disable=g-import-not-at-top
-  return train_state
-
-
-def _train_step():
-  from ffsd_jax import train_step  # pylint: disable=g-import-not-at-top
-  return train_step
 
 
 class _PreemptionFlag:
@@ -96,16 +84,16 @@ def _setup(config: ml_collections.ConfigDict):
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size, mesh, 'batch_size')
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  info = _data().get_dataset_info(config)
+  info = data_lib.get_dataset_info(config)
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch < 1:
     raise ValueError(f'config.batch_size={config.batch_size} is larger than the training set '
                      f'({info.num_train_examples} examples); lower it.')
-  model = _train_state().create_model(config)
+  model = train_state_lib.create_model(config)
   init_rng = jax.random.key(config.seed)
 
   def init_fn():
-    return _train_state().create_train_state(config, model, init_rng, steps_per_epoch)
+    return train_state_lib.create_train_state(config, model, init_rng, steps_per_epoch)
 
   abstract_state = sharding.abstract_with_sharding(jax.eval_shape(init_fn), mesh)
   return mesh, info, model, steps_per_epoch, init_fn, abstract_state
@@ -117,7 +105,7 @@ def _eval_loop(eval_fn: Callable[..., Any], variables: Any, config: ml_collectio
   add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
   sums = None
   num_batches = math.ceil(info.num_eval_examples / config.eval_batch_size)
-  batches = _data().create_eval_batches(config, global_batch_size=config.eval_batch_size,
+  batches = data_lib.create_eval_batches(config, global_batch_size=config.eval_batch_size,
                                         process_index=jax.process_index(), process_count=jax.process_count())
   for local_batch in tqdm(batches, total=num_batches, desc=desc, leave=False, disable=None if
                           _is_leader_process() else True):
@@ -161,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if best_manager.latest_step() is not None:
     checkpointing.check_architecture(best_manager, best_manager.latest_step(), config)
 
-  train_iter = _data().create_train_iterator(
+  train_iter = data_lib.create_train_iterator(
       config, global_batch_size=config.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed)
   latest = manager.latest_step()
@@ -183,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  jax.device_count(), jax.process_count(), config.batch_size, steps_per_epoch, total_steps)
 
   # The jitted step: train_step plus the on-device sum of its metrics over the logging window.
-  train_step = _train_step().make_train_step(model, config, steps_per_epoch, info.mean_std)
+  train_step = train_step_lib.make_train_step(model, config, steps_per_epoch, info.mean_std)
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((config.batch_size, info.image_size, info.image_size, 3), jnp.uint8),
       'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
@@ -196,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   jitted_step = jax.jit(step_and_accumulate, in_shardings=(replicated, replicated, batch_sharded),
                         out_shardings=(replicated, replicated), donate_argnums=(0, 1))
-  eval_step = jax.jit(_train_step().make_eval_step(model, config, info.mean_std),
+  eval_step = jax.jit(train_step_lib.make_eval_step(model, config, info.mean_std),
                       in_shardings=(replicated, batch_sharded), out_shardings=replicated)
 
   def metric_sums_from(values: dict[str, float] | None):
@@ -210,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = metric_writers.MetricWriter(workdir, resume_step=step if latest is not None else None)
   preemption = _PreemptionFlag()
-  check_finite = _train_step().check_finite
+  check_finite = train_step_lib.check_finite
 
   def fetch_window() -> dict[str, float]:
     return {k: float(v) for k, v in _to_host(metric_sums).items()}
@@ -234,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     while step < total_steps:
       local_batch = next(train_iter)
-      _train_step().validate_batch(local_batch, num_classes=info.num_classes, batch_size=local_batch_size)
+      train_step_lib.validate_batch(local_batch, num_classes=info.num_classes, batch_size=local_batch_size)
       state, metric_sums = jitted_step(state, metric_sums, sharding.make_global_batch(local_batch, mesh))
       step += 1
       window_steps += 1
@@ -340,7 +328,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
   """
   state, step, path, mesh, info = restore_for_inference(config, workdir, checkpoint)
   replicated = sharding.replicated_sharding(mesh)
-  leader_eval = jax.jit(_train_step().make_leader_eval_step(config, info.mean_std),
+  leader_eval = jax.jit(train_step_lib.make_leader_eval_step(config, info.mean_std),
                         in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
   network = deployed_network(config)
   leader = {'params': state.params[network], 'batch_stats': state.batch_stats[network]}

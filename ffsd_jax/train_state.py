@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from ffsd_jax.models.ffsd import FFSDModel
+
 # The ImageNet trainer's per-iteration warm-up covers epochs 1..4 (`epoch < 5`, 1-based), reference §8.
 IMAGENET_WARMUP_EPOCHS = 5
 LR_SCHEDULES = ('cifar', 'imagenet')
@@ -62,7 +64,6 @@ def _compute_dtype(name: str):
 
 def create_model(config: ml_collections.ConfigDict):
   """The `FFSDModel` of `config.model`, `config.num_classes`, `config.num_students`, `config.method`."""
-  from ffsd_jax.models.ffsd import FFSDModel  # pylint: disable=g-import-not-at-top
   return FFSDModel(backbone=config.model, num_classes=config.num_classes, num_students=config.num_students,
                    method=config.method, dtype=_compute_dtype(config.compute_dtype))
 

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from ffsd_jax import objective
+from ffsd_jax.models import create_backbone
 from ffsd_jax.data.normalization import normalize_images
 from ffsd_jax.train_state import TrainState, current_learning_rates, param_group
 
@@ -171,7 +172,6 @@ def make_leader_eval_step(config: ml_collections.ConfigDict, mean_std: tuple[tup
   `leader_variables` = {'params': params['leader'], 'batch_stats': batch_stats['leader']}. Keys: 'count',
   'correct/leader', 'correct_top5/leader'.
   """
-  from ffsd_jax.models import create_backbone  # pylint: disable=g-import-not-at-top
   backbone = create_backbone(config.model, config.num_classes, _compute_dtype(config))
   dtype = _compute_dtype(config)
 

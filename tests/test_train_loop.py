@@ -33,7 +33,7 @@ def run_config():
 
 def _sigterm_at_batch(monkeypatch, batch_number: int):
   """Makes the data iterator send this process a real SIGTERM while it hands out batch `batch_number` (1-based)."""
-  original = train_loop._data().create_train_iterator  # pylint: disable=protected-access
+  original = train_loop.data_lib.create_train_iterator
 
   class _Iterator:
 
@@ -52,7 +52,7 @@ def _sigterm_at_batch(monkeypatch, batch_number: int):
     def set_state(self, state):
       self._inner.set_state(state)
 
-  monkeypatch.setattr(train_loop._data(), 'create_train_iterator',  # pylint: disable=protected-access
+  monkeypatch.setattr(train_loop.data_lib, 'create_train_iterator',
                       lambda *a, **k: _Iterator(original(*a, **k)))
 
 
