@@ -472,3 +472,22 @@ def test_bad_method_or_student_count_fails_clearly():
     models.leader_variables({'params': {'student_0': {}}})
   with pytest.raises(ValueError, match='num_classes'):
     models.create_backbone('resnet32', 0)
+
+
+def test_sub_pixel_transposed_conv_equals_flax_conv_transpose():
+  """The decoder's sub-pixel transposed conv computes exactly nn.ConvTranspose with the same kernel, and its grads."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 6)), jnp.float32)  # Odd, non-square sizes exercise the border phases.
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 6)), jnp.float32)
+  reference = nn.ConvTranspose(4, (3, 3), strides=(2, 2), padding=heads.DECODER_PADDING, use_bias=False,
+                               transpose_kernel=True)
+  ours = heads.StridedConvTranspose(4)
+
+  def loss(module, kernel, x):
+    return jnp.sum(jnp.sin(module.apply({'params': {'kernel': kernel}}, x)))
+
+  np.testing.assert_allclose(ours.apply({'params': {'kernel': kernel}}, x),
+                             reference.apply({'params': {'kernel': kernel}}, x), rtol=1e-5, atol=1e-5)
+  for ours_grad, reference_grad in zip(jax.grad(lambda k, x: loss(ours, k, x), argnums=(0, 1))(kernel, x),
+                                       jax.grad(lambda k, x: loss(reference, k, x), argnums=(0, 1))(kernel, x)):
+    np.testing.assert_allclose(ours_grad, reference_grad, rtol=1e-4, atol=1e-4)

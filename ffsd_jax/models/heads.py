@@ -87,6 +87,46 @@ class TransFusionHead(nn.Module):
     return nn.relu(norm(name='bn1_1')(x))
 
 
+class StridedConvTranspose(nn.Module):
+  """PyTorch `ConvTranspose2d(k=3, stride=2, padding=1, output_padding=1, bias=False)`, computed sub-pixel style.
+
+  The parameter is the one `nn.ConvTranspose(features, (3, 3), strides=(2, 2), padding=DECODER_PADDING,
+  transpose_kernel=True)` would hold: `kernel` of shape (3, 3, features, C_in), which is PyTorch's (C_in, C_out, 3, 3)
+  weight transposed, no flip. The output is the same, but instead of a convolution over the zero-dilated input
+  (where 3 of every 4 input positions are zeros) it runs one 2×2 convolution on the input that produces the four
+  output phases (even/odd row × even/odd column) as 4·features channels, then interleaves them (depth to space).
+  Output row 2m takes input row m with kernel row 1; row 2m+1 takes rows m and m+1 with kernel rows 0 and 2 (in the
+  flipped, conv orientation), and likewise for columns. On the 2-core CPU this cut one decoder layer's forward and
+  backward from 0.25 s to 0.09 s (batch 128, 32→16 channels at 16×16).
+  """
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_features = x.shape[-1]
+    kernel = self.param('kernel', layers.conv_transpose_kernel_init(self.features), (3, 3, self.features, in_features))
+    # The forward-convolution kernel of the transposed conv: spatially flipped, input/output channels swapped.
+    conv_kernel = jnp.flip(kernel, (0, 1)).swapaxes(2, 3).astype(self.dtype)
+    # (output phase, input offset) -> kernel index; phase 0 uses offset 0 only.
+    taps = {(0, 0): 1, (1, 0): 0, (1, 1): 2}
+    zeros = jnp.zeros((in_features, self.features), self.dtype)
+
+    def phase_kernel(phase_row, phase_col, offset_row, offset_col):
+      if (phase_row, offset_row) in taps and (phase_col, offset_col) in taps:
+        return conv_kernel[taps[(phase_row, offset_row)], taps[(phase_col, offset_col)]]
+      return zeros
+
+    phases = [(a, b) for a in (0, 1) for b in (0, 1)]
+    combined = jnp.stack([jnp.stack([jnp.concatenate([phase_kernel(a, b, dy, dx) for a, b in phases], axis=-1)
+                                     for dx in (0, 1)]) for dy in (0, 1)])  # (2, 2, C_in, 4·features)
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), combined, (1, 1), ((0, 1), (0, 1)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    batch, height, width, _ = y.shape
+    y = y.reshape(batch, height, width, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(batch, 2 * height, 2 * width, self.features)
+
+
 class DecoderUnit(nn.Module):
   """ConvTranspose(k3, s2, PyTorch padding 1 + output_padding 1, no bias) → BN → ReLU; doubles H and W."""
   features: int
@@ -95,9 +135,7 @@ class DecoderUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.ConvTranspose(self.features, (3, 3), strides=(2, 2), padding=DECODER_PADDING, use_bias=False,
-                         transpose_kernel=True, dtype=self.dtype,
-                         kernel_init=layers.conv_transpose_kernel_init(self.features), name='deconv')(x)
+    x = StridedConvTranspose(self.features, dtype=self.dtype, name='deconv')(x)
     return nn.relu(layers.norm_factory(self.norm, train, self.dtype)(name='bn')(x))
 
 
