@@ -68,17 +68,17 @@ def _normalization_for(config, small: bool) -> tuple[tuple[float, ...], tuple[fl
 
 
 @functools.lru_cache(maxsize=8)
-def _plan_cached(key: tuple, config) -> _Plan:
-  del key  # Only the cache key.
+def _plan_cached(config: _FrozenConfig) -> _Plan:
   return _make_plan(config)
 
 
 def _plan(config) -> _Plan:
-  return _plan_cached(_config_key(config), _FrozenConfig(config))
+  """The data plan of `config`, built once per distinct data setting (opening sources and decoding are costly)."""
+  return _plan_cached(_FrozenConfig(config))
 
 
 class _FrozenConfig:
-  """Hashable view of the config fields the data code reads (the lru_cache key is `_config_key`)."""
+  """Hashable view of the config: equal when the fields the data code reads (`_config_key`) are equal."""
 
   def __init__(self, config):
     self._values = dict(_config_key(config))
