@@ -99,10 +99,13 @@ def _setup(config: ml_collections.ConfigDict):
   return mesh, info, model, steps_per_epoch, init_fn, abstract_state
 
 
+# Jitted once at import: a jit of a fresh lambda inside the eval loop would be traced and compiled at every eval.
+_add_sums = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
 def _eval_loop(eval_fn: Callable[..., Any], variables: Any, config: ml_collections.ConfigDict, info: Any,
                mesh: jax.sharding.Mesh, desc: str) -> dict[str, float]:
   """Runs `eval_fn(variables, batch) -> sums` over the whole eval split; returns the host sums."""
-  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
   sums = None
   num_batches = math.ceil(info.num_eval_examples / config.eval_batch_size)
   batches = data_lib.create_eval_batches(config, global_batch_size=config.eval_batch_size,
@@ -110,7 +113,7 @@ def _eval_loop(eval_fn: Callable[..., Any], variables: Any, config: ml_collectio
   for local_batch in tqdm(batches, total=num_batches, desc=desc, leave=False, disable=None if
                           _is_leader_process() else True):
     out = eval_fn(variables, sharding.make_global_batch(local_batch, mesh))
-    sums = out if sums is None else add(sums, out)
+    sums = out if sums is None else _add_sums(sums, out)
   return {k: float(v) for k, v in _to_host(sums).items()}
 
 
