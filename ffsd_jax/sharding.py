@@ -8,6 +8,7 @@ statistics (the same numbers as one device with the whole batch).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -87,6 +88,47 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mes
   """Assembles global batch-sharded arrays from this process's NumPy batch (every process reads its own shard)."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+# XLA:CPU can hand dots and convolutions, elementwise ops and reductions to the YNNPACK library (an experimental
+# option, off by default in jaxlib 0.10). For the float32 FFSD ResNet-32 step on the 2-core development CPU this cut the
+# step from about 6.9 s to 3.3 s (docs/benchmarks.md): without it, every weight-gradient convolution reads its input
+# through a layout transpose into which XLA fuses (and so recomputes) the whole residual chain of the stage before it.
+# The results agree with the default build to float32 rounding (tests/test_sharding.py).
+CPU_LIBRARY_FUSION_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type':
+        'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE',
+}
+
+
+@functools.cache
+def _cpu_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's CPU compiler knows the options (they are experimental and may be renamed)."""
+  try:
+    jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options=dict(options))
+  except Exception as error:  # pylint: disable=broad-except
+    logging.warning('This jaxlib rejects the CPU library-fusion options (%s); compiling the steps without them.',
+                    error)
+    return False
+  return True
+
+
+def step_compiler_options(mesh: jax.sharding.Mesh, config: Any = None) -> dict[str, str] | None:
+  """XLA compiler options for the train and eval steps: YNNPACK library fusions on a CPU mesh, none elsewhere.
+
+  Args:
+    mesh: the mesh the step runs on; only an all-CPU mesh gets options.
+    config: the experiment config; `config.cpu_library_fusions=False` compiles with XLA's defaults.
+
+  Returns:
+    A dict for `jax.jit(..., compiler_options=...)`, or None.
+  """
+  enabled = config is None or config.get('cpu_library_fusions', True)
+  if not enabled or any(device.platform != 'cpu' for device in mesh.devices.flat):
+    return None
+  if not _cpu_accepts(tuple(CPU_LIBRARY_FUSION_OPTIONS.items())):
+    return None
+  return dict(CPU_LIBRARY_FUSION_OPTIONS)
 
 
 # Initialisation runs once, so its program is compiled without XLA's expensive passes: for the FFSD tiny model on a

@@ -185,10 +185,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metric_sums = jax.tree.map(lambda s, m: s + m.astype(jnp.float32), metric_sums, metrics)
     return state, metric_sums
 
+  compiler_options = sharding.step_compiler_options(mesh, config)
   jitted_step = jax.jit(step_and_accumulate, in_shardings=(replicated, replicated, batch_sharded),
-                        out_shardings=(replicated, replicated), donate_argnums=(0, 1))
+                        out_shardings=(replicated, replicated), donate_argnums=(0, 1),
+                        compiler_options=compiler_options)
   eval_step = jax.jit(train_step_lib.make_eval_step(model, config, info.mean_std),
-                      in_shardings=(replicated, batch_sharded), out_shardings=replicated)
+                      in_shardings=(replicated, batch_sharded), out_shardings=replicated,
+                      compiler_options=compiler_options)
 
   def metric_sums_from(values: dict[str, float] | None):
     values = values or {}
@@ -332,7 +335,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
   state, step, path, mesh, info = restore_for_inference(config, workdir, checkpoint)
   replicated = sharding.replicated_sharding(mesh)
   leader_eval = jax.jit(train_step_lib.make_leader_eval_step(config, info.mean_std),
-                        in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated)
+                        in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated,
+                        compiler_options=sharding.step_compiler_options(mesh, config))
   network = deployed_network(config)
   leader = {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
   sums = _eval_loop(leader_eval, leader, config, info, mesh, desc=f'eval {network}')

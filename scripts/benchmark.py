@@ -118,9 +118,10 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
       lambda: train_state_lib.create_train_state(config, model, jax.random.key(config.seed), steps_per_epoch), mesh)
   replicated, batch_sharded = sharding_lib.replicated_sharding(mesh), sharding_lib.batch_sharding(mesh)
   # The same jit as the training loop: replicated state (donated), batch sharded on the data axis.
+  compiler_options = sharding_lib.step_compiler_options(mesh, config)
   jitted = jax.jit(train_step_lib.make_train_step(model, config, steps_per_epoch, info.mean_std),
                    in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=compiler_options)
 
   batches = _batches(config, batch_size, info, 1 + _WARMUP.value + _STEPS.value)
   first = sharding_lib.make_global_batch(next(batches), mesh)
@@ -147,7 +148,8 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
   peak_memory, memory_source = _peak_memory_bytes(device)
   result = {
       'model': config.model, 'method': method, 'dtype': dtype, 'batch_size': batch_size, 'data': _DATA.value,
-      'num_devices': jax.device_count(), 'device_kind': device.device_kind, 'compile_s': compile_s,
+      'num_devices': jax.device_count(), 'device_kind': device.device_kind,
+      'compiler_options': compiler_options or {}, 'compile_s': compile_s,
       'step_s_median': median, 'step_s_min': min(times), 'step_s_max': max(times), 'timed_steps': len(times),
       'images_per_s': batch_size / median, 'images_per_s_per_device': batch_size / median / jax.device_count(),
       'step_gflops': None if flops is None else flops / 1e9,

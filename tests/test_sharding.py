@@ -60,7 +60,9 @@ def one_step():
   """One FFSD step from the same state and batch on 1 device and on 8 devices (batch sharded, state replicated).
 
   Compiled with XLA's optimisations on: without them, float32 sums in another order differed by up to 5% on
-  leader BN-bias gradients with heavy cancellation (with them, everything agrees to 2e-4).
+  leader BN-bias gradients with heavy cancellation (with them, everything agrees to 2e-4). The sharded step is
+  compiled as the training loop compiles it (with the CPU library-fusion options), the single-device one with XLA's
+  defaults, so the comparison covers both.
   """
   assert jax.device_count() == 8
   jax.config.update('jax_disable_most_optimizations', False)
@@ -83,7 +85,8 @@ def one_step():
                                                   jax.device_put(batch, single_device))
   mesh = sharding.create_mesh()
   replicated, batch_sharded = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
-  sharded_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated))
+  sharded_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
+                         compiler_options=sharding.step_compiler_options(mesh, config))
   global_batch = sharding.make_global_batch(batch, mesh)
   assert global_batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
   assert len(global_batch['image'].addressable_shards) == 8
@@ -124,6 +127,50 @@ def _numpy_conv3x3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     for dx in range(3):
       out += np.einsum('nhwc,cd->nhwd', padded[:, dy:dy + height, dx:dx + width], kernel[dy, dx])
   return out
+
+
+def _library_fusion_count(compiled) -> int:
+  return compiled.as_text().count('"kind":"__ynn_fusion"')
+
+
+def test_cpu_library_fusions_change_the_program_not_the_numbers():
+  """A conv → affine → ReLU → channel sums and its kernel gradient, as in the networks: with the step options more
+  of the program runs in YNNPACK, and both builds match a float64 NumPy computation to float32 rounding."""
+  mesh = sharding.create_mesh()
+  options = sharding.step_compiler_options(mesh, tiny_config())
+  assert options == sharding.CPU_LIBRARY_FUSION_OPTIONS
+  assert sharding.step_compiler_options(mesh, tiny_config(cpu_library_fusions=False)) is None
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((8, 16, 16, 8)).astype(np.float32)
+  kernel = (0.2 * rng.standard_normal((3, 3, 8, 8))).astype(np.float32)
+
+  def channel_sums(x, kernel):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.sum(jax.nn.relu(1.5 * y + 0.1), axis=(0, 1, 2))
+
+  def sums_and_kernel_grad(x, kernel):
+    return channel_sums(x, kernel), jax.grad(lambda k: jnp.sum(channel_sums(x, k) ** 2))(kernel)
+
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    default = jax.jit(sums_and_kernel_grad).lower(x, kernel).compile()
+    with_options = jax.jit(sums_and_kernel_grad, compiler_options=options).lower(x, kernel).compile()
+  finally:
+    jax.config.update('jax_disable_most_optimizations', previous)
+  assert _library_fusion_count(with_options) > _library_fusion_count(default)
+
+  # NumPy float64: z = 1.5·conv(x) + 0.1, s = Σ relu(z); d(Σ s²)/dK[i,j,c,d] = Σ 2·s_d·1.5·[z>0]·x_pad[.., i, j, c].
+  pre_activation = 1.5 * _numpy_conv3x3(x.astype(np.float64), kernel.astype(np.float64)) + 0.1
+  sums = np.maximum(pre_activation, 0).sum(axis=(0, 1, 2))
+  upstream = 2 * sums * 1.5 * (pre_activation > 0)
+  padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  kernel_grad = np.stack([np.stack([np.einsum('nhwc,nhwd->cd', padded[:, i:i + 16, j:j + 16], upstream)
+                                    for j in range(3)]) for i in range(3)])
+  for compiled in (default, with_options):
+    got_sums, got_grad = compiled(x, kernel)
+    np.testing.assert_allclose(np.asarray(got_sums), sums, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_grad), kernel_grad, rtol=1e-4, atol=1e-3 * np.abs(kernel_grad).max())
 
 
 @pytest.mark.multi_device
