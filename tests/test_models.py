@@ -491,3 +491,26 @@ def test_sub_pixel_transposed_conv_equals_flax_conv_transpose():
   for ours_grad, reference_grad in zip(jax.grad(lambda k, x: loss(ours, k, x), argnums=(0, 1))(kernel, x),
                                        jax.grad(lambda k, x: loss(reference, k, x), argnums=(0, 1))(kernel, x)):
     np.testing.assert_allclose(ours_grad, reference_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_equals_grouped_conv_and_numpy():
+  """The heads' depthwise 3x3 (nine shifted multiply-adds) computes exactly PyTorch's groups=C conv, and its grads."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(3, 5, 7, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)), jnp.float32)
+  reference = nn.Conv(6, (3, 3), padding=layers.torch_padding(3), feature_group_count=6, use_bias=False)
+  ours = heads.DepthwiseConv3x3()
+  assert jax.eval_shape(lambda: ours.init(KEY, x))['params']['kernel'].shape == kernel.shape
+  # NumPy (float64): out[n, h, w, c] = Σ_{dy, dx} x_pad[n, h + dy, w + dx, c] · kernel[dy, dx, 0, c].
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want = sum(padded[:, dy:dy + 5, dx:dx + 7, :] * np.asarray(kernel, np.float64)[dy, dx, 0]
+             for dy in range(3) for dx in range(3))
+  np.testing.assert_allclose(ours.apply({'params': {'kernel': kernel}}, x), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(reference.apply({'params': {'kernel': kernel}}, x), want, rtol=1e-5, atol=1e-5)
+
+  def loss(module, kernel, x):
+    return jnp.sum(jnp.sin(module.apply({'params': {'kernel': kernel}}, x)))
+
+  for ours_grad, reference_grad in zip(jax.grad(lambda k, x: loss(ours, k, x), argnums=(0, 1))(kernel, x),
+                                       jax.grad(lambda k, x: loss(reference, k, x), argnums=(0, 1))(kernel, x)):
+    np.testing.assert_allclose(ours_grad, reference_grad, rtol=1e-4, atol=1e-4)

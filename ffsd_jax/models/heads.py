@@ -31,9 +31,29 @@ def _check_channels(x: jax.Array, expected: int, what: str) -> None:
                      f'the backbone spec (tap channels / decoder chain) matches the features fed in.')
 
 
-def _depthwise_conv(channels: int, dtype: jnp.dtype, name: str) -> nn.Conv:
-  return nn.Conv(channels, (3, 3), padding=layers.torch_padding(3), feature_group_count=channels, use_bias=False,
-                 dtype=dtype, kernel_init=layers.conv_kernel_init(), name=name)
+class DepthwiseConv3x3(nn.Module):
+  """PyTorch `Conv2d(C, C, 3, padding=1, groups=C, bias=False)`, computed as nine shifted multiply-adds.
+
+  The parameter is the one `nn.Conv(C, (3, 3), feature_group_count=C, use_bias=False)` would hold: `kernel` of shape
+  (3, 3, 1, C), He fan_out initialised, and the output is the same. XLA's grouped convolution (and its gradients) is
+  slow on CPU: for the fusion module's 128 channels at 8×8, batch 128, forward and backward took 0.20 s as a grouped
+  convolution and 0.018 s as this elementwise sum, which XLA fuses into one loop on every backend.
+  """
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    kernel = self.param('kernel', layers.conv_kernel_init(), (3, 3, 1, channels))
+    height, width = x.shape[1:3]
+    padded = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # The float32 kernel promotes the products, so the nine-term sum accumulates in float32 as a convolution would.
+    total = sum(padded[:, dy:dy + height, dx:dx + width, :] * kernel[dy, dx, 0] for dy in range(3) for dx in range(3))
+    return total.astype(self.dtype)
+
+
+def _depthwise_conv(dtype: jnp.dtype, name: str) -> DepthwiseConv3x3:
+  return DepthwiseConv3x3(dtype=dtype, name=name)
 
 
 def _pointwise_conv(channels: int, dtype: jnp.dtype, name: str) -> nn.Conv:
@@ -62,7 +82,7 @@ class FusionModule(nn.Module):
     in_channels = self.channels * self.num_students
     _check_channels(z, in_channels, f'FusionModule(C={self.channels}, m={self.num_students})')
     norm = layers.norm_factory(self.norm, train, self.dtype)
-    x = _depthwise_conv(in_channels, self.dtype, 'conv1')(z.astype(self.dtype))
+    x = _depthwise_conv(self.dtype, 'conv1')(z.astype(self.dtype))
     x = nn.relu(norm(name='bn1')(x))
     x = _pointwise_conv(self.channels, self.dtype, 'conv1_1')(x)
     fused = nn.relu(norm(name='bn1_1')(x))
@@ -81,7 +101,7 @@ class TransFusionHead(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     _check_channels(x, self.channels, f'TransFusionHead(C={self.channels})')
     norm = layers.norm_factory(self.norm, train, self.dtype)
-    x = _depthwise_conv(self.channels, self.dtype, 'conv1')(x.astype(self.dtype))
+    x = _depthwise_conv(self.dtype, 'conv1')(x.astype(self.dtype))
     x = nn.relu(norm(name='bn1')(x))
     x = _pointwise_conv(self.channels * self.num_students, self.dtype, 'conv1_1')(x)
     return nn.relu(norm(name='bn1_1')(x))
