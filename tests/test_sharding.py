@@ -136,13 +136,14 @@ def _library_fusion_count(compiled) -> int:
 def test_cpu_library_fusions_change_the_program_not_the_numbers():
   """A conv → affine → ReLU → channel sums and its kernel gradient, as in the networks: with the step options more
   of the program runs in YNNPACK, and both builds match a float64 NumPy computation to float32 rounding."""
-  mesh = sharding.create_mesh()
+  cpu = jax.devices('cpu')  # Also when the suite runs with a GPU as the default backend (gpu_check.sh).
+  mesh = sharding.create_mesh(cpu)
   options = sharding.step_compiler_options(mesh, tiny_config())
   assert options == sharding.CPU_LIBRARY_FUSION_OPTIONS
   assert sharding.step_compiler_options(mesh, tiny_config(cpu_library_fusions=False)) is None
   rng = np.random.default_rng(7)
-  x = rng.standard_normal((8, 16, 16, 8)).astype(np.float32)
-  kernel = (0.2 * rng.standard_normal((3, 3, 8, 8))).astype(np.float32)
+  x = jax.device_put(rng.standard_normal((8, 16, 16, 8)).astype(np.float32), cpu[0])
+  kernel = jax.device_put((0.2 * rng.standard_normal((3, 3, 8, 8))).astype(np.float32), cpu[0])
 
   def channel_sums(x, kernel):
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -161,10 +162,11 @@ def test_cpu_library_fusions_change_the_program_not_the_numbers():
   assert _library_fusion_count(with_options) > _library_fusion_count(default)
 
   # NumPy float64: z = 1.5·conv(x) + 0.1, s = Σ relu(z); d(Σ s²)/dK[i,j,c,d] = Σ 2·s_d·1.5·[z>0]·x_pad[.., i, j, c].
-  pre_activation = 1.5 * _numpy_conv3x3(x.astype(np.float64), kernel.astype(np.float64)) + 0.1
+  x64, kernel64 = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  pre_activation = 1.5 * _numpy_conv3x3(x64, kernel64) + 0.1
   sums = np.maximum(pre_activation, 0).sum(axis=(0, 1, 2))
   upstream = 2 * sums * 1.5 * (pre_activation > 0)
-  padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  padded = np.pad(x64, ((0, 0), (1, 1), (1, 1), (0, 0)))
   kernel_grad = np.stack([np.stack([np.einsum('nhwc,nhwd->cd', padded[:, i:i + 16, j:j + 16], upstream)
                                     for j in range(3)]) for i in range(3)])
   for compiled in (default, with_options):
