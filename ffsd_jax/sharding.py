@@ -92,7 +92,7 @@ def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mes
 
 # XLA:CPU can hand dots and convolutions, elementwise ops and reductions to the YNNPACK library (an experimental
 # option, off by default in jaxlib 0.10). For the float32 FFSD ResNet-32 step on the 2-core development CPU this cut the
-# step from about 6.9 s to 3.3 s (docs/benchmarks.md): without it, every weight-gradient convolution reads its input
+# step from 5.1 s to 3.0 s (docs/benchmarks.md): without it, every weight-gradient convolution reads its input
 # through a layout transpose into which XLA fuses (and so recomputes) the whole residual chain of the stage before it.
 # The results agree with the default build to float32 rounding (tests/test_sharding.py).
 CPU_LIBRARY_FUSION_OPTIONS = {
@@ -102,10 +102,10 @@ CPU_LIBRARY_FUSION_OPTIONS = {
 
 
 @functools.cache
-def _cpu_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+def _cpu_accepts(options: tuple[tuple[str, str], ...], device: jax.Device) -> bool:
   """Whether this jaxlib's CPU compiler knows the options (they are experimental and may be renamed)."""
   try:
-    jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options=dict(options))
+    jax.jit(lambda x: x + 1).lower(jax.device_put(np.float32(0), device)).compile(compiler_options=dict(options))
   except Exception as error:  # pylint: disable=broad-except
     logging.warning('This jaxlib rejects the CPU library-fusion options (%s); compiling the steps without them.',
                     error)
@@ -126,7 +126,7 @@ def step_compiler_options(mesh: jax.sharding.Mesh, config: Any = None) -> dict[s
   enabled = config is None or config.get('cpu_library_fusions', True)
   if not enabled or any(device.platform != 'cpu' for device in mesh.devices.flat):
     return None
-  if not _cpu_accepts(tuple(CPU_LIBRARY_FUSION_OPTIONS.items())):
+  if not _cpu_accepts(tuple(CPU_LIBRARY_FUSION_OPTIONS.items()), mesh.devices.flat[0]):
     return None
   return dict(CPU_LIBRARY_FUSION_OPTIONS)
 

@@ -133,6 +133,12 @@ def _library_fusion_count(compiled) -> int:
   return compiled.as_text().count('"kind":"__ynn_fusion"')
 
 
+def test_cpu_library_fusion_options_are_dropped_when_this_jaxlib_rejects_them(monkeypatch):
+  mesh = sharding.create_mesh(jax.devices('cpu'))
+  monkeypatch.setitem(sharding.CPU_LIBRARY_FUSION_OPTIONS, 'xla_cpu_experimental_ynn_fusion_type', 'NO_SUCH_TYPE')
+  assert sharding.step_compiler_options(mesh, tiny_config()) is None
+
+
 def test_cpu_library_fusions_change_the_program_not_the_numbers():
   """A conv → affine → ReLU → channel sums and its kernel gradient, as in the networks: with the step options more
   of the program runs in YNNPACK, and both builds match a float64 NumPy computation to float32 rounding."""
