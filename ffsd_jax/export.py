@@ -37,9 +37,8 @@ def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: s
   state, step, path, _, info = train_loop.restore_for_inference(config, workdir, checkpoint)
   export_dir = os.path.abspath(export_dir or os.path.join(workdir, 'export'))
   network = train_loop.deployed_network(config)  # The leader; student_0 for 'dml', which has no leader.
-  leader = {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
   # Replicated arrays: every process holds a full copy, so read the local one (also on multi-host runs).
-  leader = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), leader)
+  leader = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), train_loop.deployed_variables(state, config))
   metadata = {
       'model': config.model,
       'network': network,

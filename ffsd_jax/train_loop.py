@@ -43,6 +43,12 @@ def deployed_network(config: ml_collections.ConfigDict) -> str:
   return 'student_0' if config.method == 'dml' else 'leader'
 
 
+def deployed_variables(state: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The deployed network's `{'params', 'batch_stats'}` from a train state: the variables of a complete backbone."""
+  network = deployed_network(config)
+  return {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
+
+
 class _PreemptionFlag:
   """Set by SIGTERM (a preemption notice); the loop checks it after each step, saves and exits cleanly."""
 
@@ -338,8 +344,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
                         in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated,
                         compiler_options=sharding.step_compiler_options(mesh, config))
   network = deployed_network(config)
-  leader = {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
-  sums = _eval_loop(leader_eval, leader, config, info, mesh, desc=f'eval {network}')
+  sums = _eval_loop(leader_eval, deployed_variables(state, config), config, info, mesh, desc=f'eval {network}')
   count = sums['count']
   top1 = [v for k, v in sums.items() if k == 'correct' or k.startswith('correct/')]
   top5 = [v for k, v in sums.items() if k == 'correct_top5' or k.startswith('correct_top5/')]
