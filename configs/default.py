@@ -71,6 +71,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.max_steps = -1  # > 0 stops training after this many steps (smoke runs, benchmarks).
   config.distributed = False  # Call jax.distributed.initialize() (also when the launcher's environment asks).
-  # On CPU, compile the steps with XLA's YNNPACK library fusions (about 2x faster here; docs/benchmarks.md).
+  # On CPU, compile the steps with XLA's YNNPACK library fusions (about 1.7x faster here; docs/benchmarks.md).
   config.cpu_library_fusions = True
   return config

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from ffsd_jax import objective
+from ffsd_jax import sharding
 from ffsd_jax.models import create_backbone
 from ffsd_jax.data.normalization import normalize_images
 from ffsd_jax.train_state import TrainState, current_learning_rates, param_group
@@ -121,6 +122,16 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     return new_state, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
 
   return train_step
+
+
+def jit_sharded_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epoch: int,
+                           mean_std: tuple[tuple[float, ...], tuple[float, ...]], mesh: jax.sharding.Mesh):
+  """`make_train_step` jitted as the training loop runs it: state replicated and donated, batch sharded on 'data',
+  and the mesh's compiler options (`sharding.step_compiler_options`). For benchmarks and profiles."""
+  replicated = sharding.replicated_sharding(mesh)
+  return jax.jit(make_train_step(model, config, steps_per_epoch, mean_std),
+                 in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=(replicated, replicated),
+                 donate_argnums=(0,), compiler_options=sharding.step_compiler_options(mesh, config))
 
 
 def jit_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epoch: int,

@@ -116,12 +116,8 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
   model = train_state_lib.create_model(config)
   state, _ = sharding_lib.create_sharded(
       lambda: train_state_lib.create_train_state(config, model, jax.random.key(config.seed), steps_per_epoch), mesh)
-  replicated, batch_sharded = sharding_lib.replicated_sharding(mesh), sharding_lib.batch_sharding(mesh)
-  # The same jit as the training loop: replicated state (donated), batch sharded on the data axis.
-  compiler_options = sharding_lib.step_compiler_options(mesh, config)
-  jitted = jax.jit(train_step_lib.make_train_step(model, config, steps_per_epoch, info.mean_std),
-                   in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
-                   donate_argnums=(0,), compiler_options=compiler_options)
+  jitted = train_step_lib.jit_sharded_train_step(model, config, steps_per_epoch, info.mean_std, mesh)
+  compiler_options = sharding_lib.step_compiler_options(mesh, config)  # Recorded with the figures.
 
   batches = _batches(config, batch_size, info, 1 + _WARMUP.value + _STEPS.value)
   first = sharding_lib.make_global_batch(next(batches), mesh)

@@ -59,10 +59,7 @@ def _compiled_step(config):
   model = train_state_lib.create_model(config)
   state, _ = sharding_lib.create_sharded(
       lambda: train_state_lib.create_train_state(config, model, jax.random.key(config.seed), steps_per_epoch), mesh)
-  replicated, batch_sharded = sharding_lib.replicated_sharding(mesh), sharding_lib.batch_sharding(mesh)
-  step = jax.jit(train_step_lib.make_train_step(model, config, steps_per_epoch, info.mean_std),
-                 in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
-                 donate_argnums=(0,), compiler_options=sharding_lib.step_compiler_options(mesh, config))
+  step = train_step_lib.jit_sharded_train_step(model, config, steps_per_epoch, info.mean_std, mesh)
   rng = np.random.default_rng(0)
   host_batch = {
       'image': rng.integers(0, 256, (config.batch_size, info.image_size, info.image_size, 3), dtype=np.uint8),

@@ -37,7 +37,7 @@ class DepthwiseConv3x3(nn.Module):
   The parameter is the one `nn.Conv(C, (3, 3), feature_group_count=C, use_bias=False)` would hold: `kernel` of shape
   (3, 3, 1, C), He fan_out initialised, and the output is the same. XLA's grouped convolution (and its gradients) is
   slow on CPU: for the fusion module's 128 channels at 8×8, batch 128, forward and backward took 0.20 s as a grouped
-  convolution and 0.018 s as this elementwise sum, which XLA fuses into one loop on every backend.
+  convolution and 0.018 s as this elementwise sum, which XLA fuses into one loop.
   """
   dtype: jnp.dtype = jnp.float32
 
