@@ -10,7 +10,10 @@ Two modes:
     python scripts/prepare_data.py --image_folder ROOT --name cifar10_jpeg --data_dir DIR
   Train with it: --config.dataset=cifar10 --config.tfds_name=cifar10_jpeg --config.data_dir=DIR (CIFAR-style), or
   --config.dataset=image_folder --config.tfds_name=NAME for any other folder. A .tar/.tar.gz ROOT is unpacked into a
-  temporary folder first.
+  temporary folder first. NAME must be lower snake case (TFDS's rule; e.g. good_caps, not Good-Caps). Every file is
+  checked before anything is written: unreadable ones are listed and the script stops, or, with --skip_bad_images,
+  they are left out and listed. The dataset is written into a hidden folder in DIR and renamed into place at the end,
+  so a preparation that fails or is killed leaves nothing that blocks the next one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import importlib.resources
 import io
 import os
 import pathlib
+import re
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -40,17 +45,64 @@ def _png_bytes(image) -> bytes:
   return buffer.getvalue()
 
 
-def _examples(split: sources.FolderSplit):
-  for index, (path, label) in enumerate(zip(split.paths, split.labels)):
-    image = sources.decode_image(path, path)
-    yield index, {'image': _png_bytes(image), 'label': int(label)}
+_SKIP_FIX = 'Replace or remove these files, or rerun with --skip_bad_images to leave them out (they are listed).'
+# What TFDS names its datasets (the snake case of the builder class): training opens the dataset by this name.
+_DATASET_NAME = re.compile(r'[a-z][a-z0-9_]*')
 
 
-def prepare_image_folder(root: str | os.PathLike, name: str, data_dir: str | os.PathLike, version: str = '1.0.0'):
+def suggest_dataset_name(name: str) -> str:
+  """A valid TFDS name close to `name`: CamelCase and separators become underscores, lower case, letter first."""
+  snake = re.sub(r'([a-z0-9])([A-Z])', r'\1_\2', re.sub(r'([A-Z]+)([A-Z][a-z])', r'\1_\2', name))
+  snake = re.sub(r'[^a-z0-9]+', '_', snake.lower()).strip('_')
+  return snake if re.fullmatch(r'[a-z].*', snake) else f'dataset_{snake}'.rstrip('_')
+
+
+def check_dataset_name(name: str) -> None:
+  """Raises ValueError, suggesting a valid name, when `name` is not a lower-snake-case TFDS dataset name."""
+  if not _DATASET_NAME.fullmatch(name or ''):
+    raise ValueError(f'--name {name!r} is not a valid TFDS dataset name: TFDS names are lower snake case (a lowercase '
+                     'letter, then lowercase letters, digits and underscores), and training could not open a dataset '
+                     f'stored under another name. Use e.g. --name {suggest_dataset_name(name or "images")}.')
+
+
+class _Examples:
+  """The (key, example) pairs of one split; a file that fails to decode is recorded in `failed` and left out."""
+
+  def __init__(self, split: sources.FolderSplit, failed: list[tuple[str, str]]):
+    self._split, self._failed = split, failed
+
+  def __iter__(self):
+    for index, (path, label) in enumerate(zip(self._split.paths, self._split.labels)):
+      try:
+        image = sources.decode_image(path, path)
+      except ValueError as error:  # Listed with the others at the end, not the first crash.
+        self._failed.append((path, str(error.__cause__ or error)))
+        continue
+      yield index, {'image': _png_bytes(image), 'label': int(label)}
+
+
+def prepare_image_folder(root: str | os.PathLike, name: str, data_dir: str | os.PathLike, version: str = '1.0.0',
+                         skip_bad_images: bool = False):
   """Stores an image folder as the TFDS dataset `name` (splits 'train' and 'test') without TensorFlow.
 
-  Returns the builder. Example order is kept (class by class, files sorted), so the files' order is reproducible.
+  Returns a builder read back from the written folder. Example order is kept (class by class, files sorted), so the
+  files' order is reproducible. Nothing is written when the name is invalid, the dataset exists or (without
+  `skip_bad_images`) a file is unreadable; the dataset appears in `data_dir` only once it is complete.
+
+  Raises:
+    ValueError: `name` is invalid, or some files are unreadable and `skip_bad_images` is False (all are listed).
+    FileExistsError: `data_dir/name/version` exists already.
   """
+  check_dataset_name(name)
+  target = pathlib.Path(data_dir).expanduser() / name / version
+  if (target / 'dataset_info.json').exists():
+    raise FileExistsError(f'{name} {version} is already prepared in {target}; delete it to rebuild.')
+  if target.exists():
+    raise FileExistsError(f'{target} exists but holds no dataset_info.json: an incomplete dataset (not written by '
+                          f'this script, which renames a finished dataset into place). Delete it and run again:\n'
+                          f'  rm -r {target}')
+  splits = sources.scan_image_folder(root)
+  splits, skipped = sources.check_image_folder(root, splits, skip_bad_images=skip_bad_images, fix=_SKIP_FIX)
   # tfds' adhoc builder touches `importlib_resources` (a backport not installed here); the stdlib module serves.
   import importlib.resources.abc  # pylint: disable=g-import-not-at-top,unused-import
   sys.modules.setdefault('importlib_resources', importlib.resources)
@@ -64,20 +116,32 @@ def prepare_image_folder(root: str | os.PathLike, name: str, data_dir: str | os.
       del dl_manager
       return {split: self._generate_examples_iterator(examples) for split, examples in self._split_datasets.items()}
 
-  splits = sources.scan_image_folder(root)
   class_names = splits['train'].class_names
   features = tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
       'label': tfds.features.ClassLabel(names=list(class_names)),
   })
-  builder = _FolderBuilder(
-      name=name, version=version, features=features, data_dir=str(data_dir), file_format='array_record',
-      split_datasets={split: _examples(folder_split) for split, folder_split in splits.items()},
-      description=f'Image folder {root} (PNG, decoded with PIL and stored losslessly).', disable_shuffling=True)
-  if builder.is_prepared():
-    raise FileExistsError(f'{name} {version} is already prepared in {builder.data_dir}; delete it to rebuild.')
-  builder.download_and_prepare(file_format='array_record')
-  return builder
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Written into a hidden folder beside the target (same file system) and renamed when complete.
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{name}-{version}.preparing-', dir=target.parent))
+  failed: list[tuple[str, str]] = []
+  try:
+    builder = _FolderBuilder(
+        name=name, version=version, features=features, data_dir=str(staging), file_format='array_record',
+        split_datasets={split: _Examples(folder_split, failed) for split, folder_split in splits.items()},
+        description=f'Image folder {root} (PNG, decoded with PIL and stored losslessly).', disable_shuffling=True)
+    builder.download_and_prepare(file_format='array_record')
+    if failed:
+      num_files = sum(len(split.paths) for split in splits.values())
+      message = sources.bad_images_message(f'image folder {root}', failed, num_files, '' if skip_bad_images else
+                                           _SKIP_FIX)
+      if not skip_bad_images:
+        raise ValueError(message)
+      print(f'Left out (--skip_bad_images): {message}')
+    os.rename(staging / name / version, target)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return tfds.builder_from_directory(str(target))
 
 
 def prepare_official(dataset: str, data_dir: str, manual_dir: str | None):
@@ -121,18 +185,25 @@ def main(argv=None) -> None:
   parser.add_argument('--data_dir', required=True, help='TFDS data_dir to write to')
   parser.add_argument('--manual_dir', help='folder with the ImageNet tars for --dataset imagenet2012')
   parser.add_argument('--version', default='1.0.0', help='version of an --image_folder dataset')
+  parser.add_argument('--skip_bad_images', action='store_true',
+                      help='leave unreadable images of --image_folder out (listed) instead of stopping')
   args = parser.parse_args(argv)
   if bool(args.dataset) == bool(args.image_folder):
     parser.error('give exactly one of --dataset or --image_folder')
+  if args.image_folder:
+    if not args.name:
+      parser.error('--image_folder needs --name (the TFDS name to store it under)')
+    try:
+      check_dataset_name(args.name)  # Before anything is unpacked or written.
+    except ValueError as error:
+      parser.error(str(error))
   start = time.time()
   if args.dataset:
     builder = prepare_official(args.dataset, args.data_dir, args.manual_dir)
   else:
-    if not args.name:
-      parser.error('--image_folder needs --name (the TFDS name to store it under)')
     with tempfile.TemporaryDirectory(prefix='ffsd_prepare_') as tmp:
       root = _unpack_if_archive(pathlib.Path(args.image_folder).expanduser(), tmp)
-      builder = prepare_image_folder(root, args.name, args.data_dir, args.version)
+      builder = prepare_image_folder(root, args.name, args.data_dir, args.version, args.skip_bad_images)
   splits = builder.info.splits
   print(f'Prepared {builder.info.name} in {builder.data_dir} in {time.time() - start:.1f} s:')
   for split_name, split in splits.items():

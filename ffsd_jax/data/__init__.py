@@ -10,7 +10,9 @@ eval batches add 'mask': bool (B,) (False on padding). Normalise on the device w
 Config keys read: dataset, data_dir, image_folder, num_classes, image_size, num_data_workers,
 synthetic_num_train_examples, seed; optional: tfds_name (read a dataset prepared under another name, e.g.
 'cifar10_jpeg'), normalization ('cifar100' | 'cifar10' | 'imagenet', image folders / synthetic only),
-synthetic_num_eval_examples, data_cache_dir (where decoded CIFAR-size arrays are cached), eval_resize_size.
+synthetic_num_eval_examples, data_cache_dir (where decoded CIFAR-size arrays and image-check results are cached),
+eval_resize_size, skip_bad_images (image folders: leave unreadable files out instead of failing),
+allow_config_change (resume the training stream over a changed example count).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class DatasetInfo:
   num_train_examples: int
   num_eval_examples: int
   mean_std: tuple[tuple[float, ...], tuple[float, ...]]
+  # Image folders with config.skip_bad_images: the unreadable files (train and eval) left out of the counts above.
+  skipped_files: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,7 @@ class _Plan:
 
 def _config_key(config) -> tuple:
   keys = ('dataset', 'data_dir', 'image_folder', 'tfds_name', 'num_classes', 'image_size', 'normalization',
-          'synthetic_num_train_examples', 'synthetic_num_eval_examples', 'seed')
+          'synthetic_num_train_examples', 'synthetic_num_eval_examples', 'seed', 'skip_bad_images')
   return tuple((k, str(config.get(k))) for k in keys)
 
 
@@ -132,9 +136,12 @@ def _make_plan(config) -> _Plan:
     splits = sources.scan_image_folder(root)
     num_classes = len(splits['train'].class_names)
     _check_num_classes(config, num_classes, f'image folder {root}')
+    # Every file is checked here, before anything compiles: one error lists all unreadable files.
+    splits, skipped = sources.check_image_folder(root, splits, skip_bad_images=bool(config.get('skip_bad_images')),
+                                                 cache_dir=sources.cache_dir(config))
     small = image_size <= sources.SMALL_IMAGE_MAX_SIZE
     info = DatasetInfo(f'image_folder:{root.name}', num_classes, image_size, len(splits['train'].paths),
-                       len(splits['test'].paths), _normalization_for(config, small))
+                       len(splits['test'].paths), _normalization_for(config, small), skipped_files=skipped)
     cache_key = {'name': root.name, 'root': str(root), 'image_size': image_size,
                  'files': _folder_fingerprint(splits)}
     return _Plan(info, small, sources.FolderReader(splits['train']), sources.FolderReader(splits['test']), cache_key)
@@ -193,19 +200,23 @@ def create_train_iterator(config, *, global_batch_size: int, process_index: int,
 
   Each epoch is reshuffled (permutation from (seed, epoch)) and has num_train_examples // global_batch_size steps:
   the last partial batch is dropped. `get_state()` / `set_state()` give exact resume. `.steps_per_epoch` is set.
+  A state saved over another number of training examples is refused, unless config.allow_config_change is True:
+  then the stream continues at the same batch index over the new example set (see ResumableIterator.set_state).
   """
   plan = _plan(config)
   info = {'dataset': plan.info.name, 'global_batch_size': int(global_batch_size), 'process_index': int(process_index),
           'process_count': int(process_count), 'seed': int(seed), 'num_train_examples': plan.info.num_train_examples}
+  allow_change = bool(config.get('allow_config_change', False))
   if plan.small:
     images, labels = _small_arrays(config, plan, 'train')
     return pipeline.array_train_iterator(images, labels, global_batch_size=global_batch_size,
                                          process_index=process_index, process_count=process_count, seed=seed,
-                                         info=info)
+                                         info=info, allow_example_count_change=allow_change)
   return pipeline.grain_train_iterator(plan.train_reader, plan.info.num_train_examples,
                                        image_size=plan.info.image_size, global_batch_size=global_batch_size,
                                        process_index=process_index, process_count=process_count, seed=seed,
-                                       num_workers=int(config.get('num_data_workers', 0) or 0), info=info)
+                                       num_workers=int(config.get('num_data_workers', 0) or 0), info=info,
+                                       allow_example_count_change=allow_change)
 
 
 def create_eval_batches(config, *, global_batch_size: int, process_index: int, process_count: int

@@ -5,6 +5,13 @@ takes permutation positions [s*G, (s+1)*G) (G = global batch; the last partial b
 N // G steps); process p takes the slice [p*L, (p+1)*L) of that global batch (L = G / process_count). Augmentation
 randomness is a function of (seed, epoch, global position) as well, so a global batch is the same whatever the number
 of processes. Batch k of the stream is therefore a pure function of k, and the iterator state is just k.
+
+Resuming over a changed example set (N -> N', only with allow_example_count_change, i.e. --config.allow_config_change):
+the state k is kept and batch k is read from the new layout, i.e. epoch k // (N' // G), step k % (N' // G) over the
+permutations of N'. Batch k is the k-th training step, so the stream's epochs stay aligned with the training loop's,
+which counts epochs with the new steps-per-epoch too (learning-rate schedule, evaluation after each epoch). When
+N // G is unchanged (e.g. one file of 481 removed at batch 128) that is the same epoch and step as before. Either way
+every permutation changes with N, so the data order from k on differs from an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
+from absl import logging
 import numpy as np
 
 from ffsd_jax.data import augment
@@ -65,10 +73,13 @@ class ResumableIterator:
 
   `get_state()` returns {'next_batch': k} (JSON-serialisable): the index of the batch the next `next()` returns,
   counting batches handed to the caller, not those prefetched. `set_state` restarts production there.
+  With `allow_example_count_change`, `set_state` accepts a state saved over another number of training examples.
   """
 
   def __init__(self, make_batch: Callable[[int], dict[str, np.ndarray]], info: dict[str, Any],
-               prefetch: int = 2, stream_factory: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None):
+               prefetch: int = 2, stream_factory: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None,
+               allow_example_count_change: bool = False):
+    self._allow_example_count_change = allow_example_count_change
     self._make_batch = make_batch
     self._stream_factory = stream_factory
     self._info = info
@@ -137,13 +148,37 @@ class ResumableIterator:
     return dict(self._info, next_batch=self._next)
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Continues with exactly the batches the iterator that produced `state` would have yielded next."""
-    for key, value in self._info.items():
-      if key in state and state[key] != value:
-        raise ValueError(f'Input-iterator state was saved with {key}={state[key]!r} but this run has {value!r}; '
-                         'exact resume needs the same dataset, batch size, seed and process layout.')
+    """Continues with exactly the batches the iterator that produced `state` would have yielded next.
+
+    A state saved over another number of training examples is refused, or, with allow_example_count_change, resumed
+    at the same batch index over the new example set (see the module docstring); every other mismatch is refused.
+    """
+    changed = [key for key, value in self._info.items() if key in state and state[key] != value]
+    for key in changed:
+      if key not in _EXAMPLE_COUNT_KEYS:
+        raise ValueError(f'Input-iterator state was saved with {key}={state[key]!r} but this run has '
+                         f'{self._info[key]!r}; exact resume needs the same dataset, batch size, seed and process '
+                         'layout.')
+    next_batch = int(state['next_batch'])
+    if 'num_train_examples' in changed:
+      saved, now = state['num_train_examples'], self._info['num_train_examples']
+      if not self._allow_example_count_change:
+        raise ValueError(
+            f'Input-iterator state was saved with num_train_examples={saved} but this run has {now}. Exact resume '
+            'needs the same example set: the order of every epoch is a permutation of all training examples, so '
+            f'another count changes every later batch. Either restore the training set to its {saved} examples '
+            '(e.g. put back a removed file; exact resume), or pass --config.allow_config_change=True to resume at the '
+            f'same step over the {now} examples (the data order from there on differs from an uninterrupted run).')
+      epoch, step = divmod(next_batch, self._info['steps_per_epoch'])
+      logging.warning(
+          'Resuming the training input at batch %d (epoch %d, step %d of %d) over %d training examples; the '
+          'checkpoint was trained over %d (allow_config_change). The data order from here on differs from an '
+          'uninterrupted run.', next_batch, epoch, step, self._info['steps_per_epoch'], now, saved)
+    elif changed:  # steps_per_epoch alone: it is a function of the example count and the batch size.
+      raise ValueError(f'Input-iterator state was saved with steps_per_epoch={state["steps_per_epoch"]} but this run '
+                       f'has {self._info["steps_per_epoch"]}; exact resume needs the same example set and batch size.')
     self.close()
-    self._next = int(state['next_batch'])
+    self._next = next_batch
 
   @property
   def steps_per_epoch(self) -> int:
@@ -163,6 +198,10 @@ class ResumableIterator:
       pass
 
 
+# Settings that change with the example set; a state saved with others can resume with allow_example_count_change.
+_EXAMPLE_COUNT_KEYS = ('num_train_examples', 'steps_per_epoch')
+
+
 def _count(start: int):
   k = start
   while True:
@@ -171,8 +210,8 @@ def _count(start: int):
 
 
 def array_train_iterator(images: np.ndarray, labels: np.ndarray, *, global_batch_size: int, process_index: int,
-                         process_count: int, seed: int, info: dict[str, Any], prefetch: int = 2
-                         ) -> ResumableIterator:
+                         process_count: int, seed: int, info: dict[str, Any], prefetch: int = 2,
+                         allow_example_count_change: bool = False) -> ResumableIterator:
   """CIFAR-style training batches from decoded arrays: gather, reflect-pad 4, random crop, flip; vectorised."""
   layout = _Layout(len(images), global_batch_size, process_index, process_count)
   order = EpochOrder(len(images), seed)
@@ -190,7 +229,7 @@ def array_train_iterator(images: np.ndarray, labels: np.ndarray, *, global_batch
     return {'image': batch_images, 'label': labels[indices].astype(np.int32)}
 
   info = dict(info, steps_per_epoch=layout.steps_per_epoch)
-  return ResumableIterator(make_batch, info, prefetch=prefetch)
+  return ResumableIterator(make_batch, info, prefetch=prefetch, allow_example_count_change=allow_example_count_change)
 
 
 class _ImageNetTrainExample:
@@ -270,8 +309,8 @@ def _close_quietly(iterator) -> None:
 
 
 def grain_train_iterator(reader, num_examples: int, *, image_size: int, global_batch_size: int, process_index: int,
-                         process_count: int, seed: int, num_workers: int, info: dict[str, Any]
-                         ) -> ResumableIterator:
+                         process_count: int, seed: int, num_workers: int, info: dict[str, Any],
+                         allow_example_count_change: bool = False) -> ResumableIterator:
   """ImageNet-style training batches: per-example PIL decode + RandomResizedCrop + flip in grain workers."""
   layout = _Layout(num_examples, global_batch_size, process_index, process_count)
   element_fn = _ImageNetTrainExample(reader, layout, num_examples, seed, image_size)
@@ -284,7 +323,8 @@ def grain_train_iterator(reader, num_examples: int, *, image_size: int, global_b
     return next(stream_factory(k))
 
   info = dict(info, steps_per_epoch=layout.steps_per_epoch)
-  return ResumableIterator(make_batch, info, prefetch=2, stream_factory=stream_factory)
+  return ResumableIterator(make_batch, info, prefetch=2, stream_factory=stream_factory,
+                           allow_example_count_change=allow_example_count_change)
 
 
 # ----------------------------------------------------------------------------------------------------------------
