@@ -3,6 +3,9 @@
   python main.py --config configs/cifar100_resnet32.py --workdir /tmp/ffsd_r32            # train (resumes if possible)
   python main.py --config configs/cifar100_resnet32.py --workdir /tmp/ffsd_r32 --mode eval [--checkpoint latest]
   python main.py --config configs/cifar100_resnet32.py --workdir /tmp/ffsd_r32 --mode export
+
+A bad flag, an unknown --config.KEY, a missing config file or an invalid config value stops before anything is
+compiled or written, with one line per problem on stderr and exit status 2 (ffsd_jax/config_checks.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ffsd_jax import config_checks
 from ffsd_jax import export
 from ffsd_jax import train_loop
 
@@ -37,7 +41,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  config = _CONFIG.value
+  config = _CONFIG.value  # Loaded and validated by config_checks.parse_flags before main() runs.
   if _MODE.value == 'train':
     train_loop.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == 'eval':
@@ -47,4 +51,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_checks.parse_flags)

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_cache_dir = config_dict.placeholder(str)
   # ImageNet-style eval: resize to this, then centre-crop; None = size·256/224.
   config.eval_resize_size = config_dict.placeholder(int)
+  config.skip_bad_images = False  # Image folders: leave unreadable files out (logged) instead of failing at start-up.
 
   # Optimisation (reference §8).
   config.batch_size = 128  # Global batch over all devices and hosts.
@@ -70,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.max_steps = -1  # > 0 stops training after this many steps (smoke runs, benchmarks).
+  # Resuming with other optimisation values (learning rates, λ's, temperature, compute_dtype, ...) than the
+  # checkpoint's is refused unless True; accepted changes are logged to WORKDIR/config_changes.jsonl.
+  config.allow_config_change = False
   config.distributed = False  # Call jax.distributed.initialize() (also when the launcher's environment asks).
   # On CPU, compile the steps with XLA's YNNPACK library fusions (about 1.7x faster here; docs/benchmarks.md).
   config.cpu_library_fusions = True
