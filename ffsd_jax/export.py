@@ -2,11 +2,18 @@
 
 An export folder holds `leader.msgpack` (the leader backbone's `params` and `batch_stats`, no trans-fusion head,
 serialised with `flax.serialization`) and `leader.json` (architecture name, number of classes, image size,
-normalisation, compute dtype, the step and the checkpoint it came from).
+normalisation, compute dtype, the step and the checkpoint it came from, and the size and sha256 of
+`leader.msgpack`).
+
+Both files are written to temporary names in the export folder, fsynced, and renamed into place, `leader.json` last:
+a failure while writing (an exception, a full disk) leaves the previous export as it was, and other files in the
+folder are never touched. `load_leader` checks `leader.msgpack` against the sha256 in `leader.json`, so a corrupt
+file, or the two renames split by a crash, fails loudly instead of giving wrong logits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Callable
@@ -23,6 +30,41 @@ from ffsd_jax.data.normalization import normalize_images
 
 PARAMS_FILE = 'leader.msgpack'
 METADATA_FILE = 'leader.json'
+_TMP_SUFFIX = '.tmp'
+
+
+class ExportError(RuntimeError):
+  """An export folder that cannot be loaded: a corrupt or mismatched file."""
+
+
+def _write_synced(path: str, data: bytes) -> None:
+  with open(path, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _write_export(export_dir: str, params: bytes, metadata: dict[str, Any]) -> None:
+  """Writes both files to temporary names, then renames them into place (`leader.json`, the commit, last)."""
+  os.makedirs(export_dir, exist_ok=True)
+  metadata = {**metadata, 'params_sha256': hashlib.sha256(params).hexdigest(), 'params_bytes': len(params)}
+  targets = [(os.path.join(export_dir, PARAMS_FILE), params),
+             (os.path.join(export_dir, METADATA_FILE), json.dumps(metadata, indent=2).encode())]
+  temporaries = [f'{path}{_TMP_SUFFIX}{os.getpid()}' for path, _ in targets]
+  try:
+    for (_, data), tmp in zip(targets, temporaries):
+      _write_synced(tmp, data)
+    for (path, _), tmp in zip(targets, temporaries):
+      os.replace(tmp, path)
+  finally:
+    for tmp in temporaries:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  folder = os.open(export_dir, os.O_RDONLY)
+  try:
+    os.fsync(folder)  # The renames themselves survive a power cut.
+  finally:
+    os.close(folder)
 
 
 def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: str | None = None,
@@ -51,13 +93,40 @@ def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: s
       'checkpoint': path,
   }
   if jax.process_index() == 0:
-    os.makedirs(export_dir, exist_ok=True)
-    with open(os.path.join(export_dir, PARAMS_FILE), 'wb') as f:
-      f.write(flax.serialization.msgpack_serialize(leader))
-    with open(os.path.join(export_dir, METADATA_FILE), 'w') as f:
-      json.dump(metadata, f, indent=2)
+    _write_export(export_dir, flax.serialization.msgpack_serialize(leader), metadata)
     logging.info('Exported the leader (%s, step %d) to %s.', config.model, step, export_dir)
   return export_dir
+
+
+def _read_export(export_dir: str) -> tuple[dict[str, Any], Any]:
+  """The metadata and the variables of an export folder, after checking `leader.msgpack` against its sha256.
+
+  Raises:
+    ExportError: naming the file that is unreadable or does not match.
+  """
+  metadata_path, params_path = os.path.join(export_dir, METADATA_FILE), os.path.join(export_dir, PARAMS_FILE)
+  reexport = 'Export the leader again (python main.py --config ... --workdir ... --mode export).'
+  try:
+    with open(metadata_path, 'rb') as f:
+      metadata = json.loads(f.read())
+  except ValueError as e:
+    raise ExportError(f'The export file {metadata_path} is not valid JSON ({e}). {reexport}') from None
+  with open(params_path, 'rb') as f:
+    params = f.read()
+  expected = metadata.get('params_sha256')
+  if expected is None:
+    logging.warning('%s records no sha256 of %s (an export by an older version): loading it unverified.',
+                    metadata_path, PARAMS_FILE)
+  elif hashlib.sha256(params).hexdigest() != expected:
+    raise ExportError(
+        f'The export file {params_path} ({len(params)} bytes) does not match the sha256 recorded in {METADATA_FILE} '
+        f'({metadata.get("params_bytes")} bytes): it is corrupt, or an export into {export_dir} was interrupted. '
+        f'{reexport}')
+  try:
+    variables = flax.serialization.msgpack_restore(params)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExportError(f'The export file {params_path} cannot be read ({type(e).__name__}: {e}). {reexport}') from None
+  return metadata, variables
 
 
 def load_leader(export_dir: str) -> Callable[[Any], jax.Array]:
@@ -65,11 +134,11 @@ def load_leader(export_dir: str) -> Callable[[Any], jax.Array]:
 
   The function normalises the images with the dataset's mean/std and runs the leader backbone in eval mode
   (running batch-norm statistics).
+
+  Raises:
+    ExportError: `leader.msgpack` does not match the sha256 in `leader.json` (the error names the file).
   """
-  with open(os.path.join(export_dir, METADATA_FILE)) as f:
-    metadata = json.load(f)
-  with open(os.path.join(export_dir, PARAMS_FILE), 'rb') as f:
-    variables = flax.serialization.msgpack_restore(f.read())
+  metadata, variables = _read_export(export_dir)
   dtype = jnp.dtype(metadata['compute_dtype'])
   backbone = models.create_backbone(metadata['model'], metadata['num_classes'], dtype)
   mean_std = tuple(tuple(v) for v in metadata['mean_std'])
