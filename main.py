@@ -11,6 +11,7 @@ compiled or written, with one line per problem on stderr and exit status 2 (ffsd
 from __future__ import annotations
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -42,12 +43,17 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietOrbax())
   config = _CONFIG.value  # Loaded and validated by config_checks.parse_flags before main() runs.
-  if _MODE.value == 'train':
-    train_loop.train_and_evaluate(config, _WORKDIR.value)
-  elif _MODE.value == 'eval':
-    train_loop.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
-  else:
-    export.export_leader(config, _WORKDIR.value, export_dir=_EXPORT_DIR.value, checkpoint=_CHECKPOINT.value)
+  try:
+    if _MODE.value == 'train':
+      summary = train_loop.train_and_evaluate(config, _WORKDIR.value)
+      if summary['stopped_by'] == 'SIGINT':
+        sys.exit(130)  # The shell's convention for a run ended by Ctrl-C (after saving).
+    elif _MODE.value == 'eval':
+      train_loop.evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
+    else:
+      export.export_leader(config, _WORKDIR.value, export_dir=_EXPORT_DIR.value, checkpoint=_CHECKPOINT.value)
+  except train_loop.RUN_ERRORS + (export.ExportError,) as error:
+    sys.exit(f'{type(error).__name__}: {error}')
 
 
 if __name__ == '__main__':

@@ -2,6 +2,10 @@
 
 `clu.metric_writers` imports TensorFlow at import time, so the TensorBoard files are written with tensorboardX.
 `metrics.jsonl` holds one JSON object per line: {"step": ..., "epoch": ..., "<name>": value, ...}.
+
+A resumed run reads as one run: the records and TensorBoard points logged after the checkpoint it resumes from (by a
+run stopped before its next checkpoint) are dropped, and a last line torn by a kill or a full disk is cut away with
+a warning. The loop calls `sync()` before every checkpoint, so every record up to a checkpoint is on disk.
 """
 
 from __future__ import annotations
@@ -11,18 +15,53 @@ import math
 import os
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 
 METRICS_FILE = 'metrics.jsonl'
 
 
+def _parse_records(path: str) -> tuple[list[dict[str, Any]], int | None]:
+  """(records, line number of a torn last line or None) of a metrics file.
+
+  Raises:
+    ValueError: a line other than the last is not valid JSON (the file was edited or damaged), naming file and line.
+  """
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  records, torn_line = [], None
+  numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+  for position, (number, line) in enumerate(numbered):
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError('not a JSON object')
+    except ValueError as error:
+      if position == len(numbered) - 1:
+        torn_line = number  # A write cut short by a kill or a full disk: only ever the last line.
+        break
+      raise ValueError(f'{path}, line {number}, is not a JSON record ({error}); only the last line can be torn by '
+                       'a crash, so the file was edited or damaged. Fix or remove that line.') from None
+    records.append(record)
+  return records, torn_line
+
+
 def read_metrics(workdir_or_file: str) -> list[dict[str, Any]]:
-  """Reads a run's `metrics.jsonl` (given the workdir or the file) as a list of records."""
+  """Reads a run's `metrics.jsonl` (given the workdir or the file) as a list of records; skips a torn last line."""
   path = workdir_or_file
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILE)
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _parse_records(path)[0]
+
+
+def _write_atomically(path: str, records: list[dict[str, Any]]) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    for record in records:
+      f.write(json.dumps(record) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 class MetricWriter:
@@ -33,8 +72,8 @@ class MetricWriter:
 
     Args:
       workdir: the run's folder.
-      resume_step: when resuming from a checkpoint at this step, the records logged after it (by a run that was
-        stopped before its next checkpoint) are dropped from `metrics.jsonl`, so that the file reads as one run.
+      resume_step: when resuming from a checkpoint at this step, the records and TensorBoard points logged after it
+        (by a run that was stopped before its next checkpoint) are dropped, so that the run reads as one.
     """
     self._active = jax.process_index() == 0
     self._jsonl = None
@@ -43,15 +82,19 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, METRICS_FILE)
-    if resume_step is not None and os.path.exists(path):
-      kept = [r for r in read_metrics(path) if r.get('step', 0) <= resume_step]
-      with open(path + '.tmp', 'w') as f:
-        for record in kept:
-          f.write(json.dumps(record) + '\n')
-      os.replace(path + '.tmp', path)
+    if os.path.exists(path):
+      records, torn_line = _parse_records(path)
+      if torn_line is not None:
+        logging.warning('%s: line %d was torn (the run was killed or the disk was full while writing it); it is cut '
+                        'away.', path, torn_line)
+      kept = records if resume_step is None else [r for r in records if r.get('step', 0) <= resume_step]
+      if torn_line is not None or len(kept) != len(records):
+        _write_atomically(path, kept)
     self._jsonl = open(path, 'a')
     import tensorboardX  # pylint: disable=g-import-not-at-top
-    self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    # purge_step: TensorBoard hides the points at or after it from the earlier event files (the replayed steps).
+    self._tensorboard = tensorboardX.SummaryWriter(
+        os.path.join(workdir, 'tensorboard'), purge_step=None if resume_step is None else resume_step + 1)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], *, epoch: float | None = None) -> None:
     """Writes one record (floats; non-finite values as null in JSON)."""
@@ -67,9 +110,16 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + '\n')
 
   def flush(self) -> None:
+    """Hands the buffered records to the operating system (cheap; at every logging step)."""
     if self._active:
       self._jsonl.flush()
       self._tensorboard.flush()
+
+  def sync(self) -> None:
+    """Flushes and fsyncs `metrics.jsonl`: called before every checkpoint, so a resume finds every record up to it."""
+    if self._active:
+      self.flush()
+      os.fsync(self._jsonl.fileno())
 
   def close(self) -> None:
     if self._active:

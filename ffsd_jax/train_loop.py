@@ -11,6 +11,7 @@ resumed continues with the same batches, the same parameters and the same logged
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,14 +28,20 @@ import numpy as np
 from tqdm import tqdm
 
 from ffsd_jax import checkpointing
+from ffsd_jax import config_checks
 from ffsd_jax import data as data_lib
 from ffsd_jax import metric_writers
 from ffsd_jax import sharding
+from ffsd_jax import state_guard
 from ffsd_jax import train_state as train_state_lib
 from ffsd_jax import train_step as train_step_lib
+from ffsd_jax import workdir_lock
 
 EVAL_LEADER_FILE = 'eval_leader.json'
 SUMMARY_FILE = 'summary.json'
+# Errors whose message says all (what, where, the fix): main.py prints them as one line, without a traceback.
+RUN_ERRORS = (checkpointing.CheckpointError, config_checks.ConfigError, state_guard.NonFiniteStateError,
+              workdir_lock.WorkdirLockedError, FloatingPointError)
 
 
 def deployed_network(config: ml_collections.ConfigDict) -> str:
@@ -49,22 +56,51 @@ def deployed_variables(state: Any, config: ml_collections.ConfigDict) -> dict[st
   return {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
 
 
-class _PreemptionFlag:
-  """Set by SIGTERM (a preemption notice); the loop checks it after each step, saves and exits cleanly."""
+class _StopRequest:
+  """Set by SIGTERM (a preemption notice) or the first Ctrl-C (SIGINT); the loop checks it after each step, saves and
+  exits cleanly. A second Ctrl-C aborts at once (KeyboardInterrupt), saving nothing more."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning('SIGTERM received: saving a checkpoint after the current step, then exiting.')
-    self.requested = True
+    if signum == signal.SIGINT and self.signal_name == 'SIGINT':
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt('second Ctrl-C: aborted without saving')
+    if self.signal_name is None:
+      self.signal_name = signal.Signals(signum).name
+      if signum == signal.SIGINT:
+        logging.warning('Ctrl-C: saving a checkpoint after the current step, then exiting (Ctrl-C again aborts '
+                        'without saving).')
+      else:
+        logging.warning('SIGTERM received: saving a checkpoint after the current step, then exiting.')
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+def write_json_atomically(path: str, value: Any) -> None:
+  """Writes `value` as JSON to a temporary name and renames it, so a kill or a full disk never leaves half a file."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(value, f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _is_leader_process() -> bool:
@@ -84,12 +120,18 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
-def _setup(config: ml_collections.ConfigDict):
-  """Distributed runtime, mesh, dataset info, model and the abstract (sharded) train state."""
+def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """Distributed runtime and the mesh, after checking that the batch sizes split over it (cheap, writes nothing)."""
   sharding.maybe_initialize_distributed(config)
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.batch_size, mesh, 'batch_size')
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  return mesh
+
+
+def _setup(config: ml_collections.ConfigDict):
+  """Distributed runtime, mesh, dataset info, model and the abstract (sharded) train state."""
+  mesh = _mesh(config)
   info = data_lib.get_dataset_info(config)
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch < 1:
@@ -135,14 +177,65 @@ def _eval_results(sums: dict[str, float], with_top5: bool) -> dict[str, float]:
   return results
 
 
+@contextlib.contextmanager
+def _writer_lock(workdir: str):
+  """Holds the workdir's writer lock for the run (process 0 takes it; every process fails together if it is held)."""
+  lock, error = None, None
+  if _is_leader_process():
+    try:
+      lock = workdir_lock.WorkdirLock(workdir).acquire()
+    except workdir_lock.WorkdirLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if np.any(multihost_utils.process_allgather(np.array(error is not None))) and error is None:
+      error = workdir_lock.WorkdirLockedError(f'Process 0 could not take the lock of the workdir {workdir}.')
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains FFSD (or the `dml` / `independent` baselines) and evaluates every network after each epoch.
 
-  Resumes automatically from the latest checkpoint in `workdir/checkpoints`. Stops cleanly (after saving) on SIGTERM.
+  Resumes automatically from the latest checkpoint in `workdir/checkpoints`. Stops cleanly (after saving) on SIGTERM
+  and on the first Ctrl-C. Holds the workdir's writer lock throughout: a second run in the same workdir refuses.
 
   Returns:
-    A summary: final step, whether the run was preempted, the leader's best and last top-1 (percent).
+    A summary: final step, whether the run was stopped by a signal (and which), the leader's best and last top-1
+    (percent).
   """
+  _mesh(config)  # Fails on bad batch sizes before the workdir is touched.
+  with _writer_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _checkpoint_guard_advice(manager: Any, workdir: str) -> str:
+  """Where a run stopped by the state guard can resume from, and how."""
+  last = manager.latest_step()
+  if last is None:
+    return ('Nothing was saved and no earlier checkpoint exists; lower the learning rate (or the λ\'s) and start '
+            'again.')
+  return (f'Nothing was saved; the last good checkpoint is {os.path.join(workdir, checkpointing.LATEST_DIR, str(last))}'
+          f' (step {last}). Lower the learning rate (or the λ\'s) and rerun to resume from it.')
+
+
+def _restored_state_guard(state: Any, path: str) -> None:
+  """A restored state must be finite: a checkpoint written before the state guard existed may not be."""
+  try:
+    state_guard.check_state_finite(state, what=f'The checkpoint {path}', advice='')
+  except state_guard.NonFiniteStateError as e:
+    raise checkpointing.CheckpointError(
+        f'{e}It was left untouched. Move that step folder away to resume from an older checkpoint, or use another '
+        '--workdir.') from None
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`train_and_evaluate` under the writer lock."""
   mesh, info, model, steps_per_epoch, init_fn, abstract_state = _setup(config)
   total_steps = config.max_steps if config.max_steps > 0 else config.num_epochs * steps_per_epoch
   num_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -163,10 +256,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       process_count=jax.process_count(), seed=config.seed)
   latest = manager.latest_step()
   if latest is not None:
+    # Changes to the optimisation are refused (unless allowed) before anything is restored or written.
+    checkpointing.check_architecture(manager, latest, config)
+    config_changes = config_checks.check_resume_config(
+        checkpointing.saved_config(manager, latest), checkpointing.config_to_json(config),
+        allow_change=bool(config.get('allow_config_change', False)))
     state, iterator_state, loop_state = checkpointing.restore(manager, latest, abstract_state, config)
+    _restored_state_guard(state, checkpointing.checkpoint_path(manager, latest))
     if iterator_state:
       train_iter.set_state(iterator_state)
     logging.info('Resuming from step %d in %s.', latest, workdir)
+    if config_changes and _is_leader_process():
+      logging.warning('Config changes since the checkpoint (recorded in %s):\n  %s',
+                      os.path.join(workdir, config_checks.CONFIG_CHANGES_FILE),
+                      '\n  '.join(config_checks.format_change(c) for c in config_changes))
+      config_checks.record_config_changes(workdir, latest, config_changes)
   else:
     state = sharding.init_replicated(init_fn, mesh)
     loop_state = {}
@@ -208,8 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best_leader_top1 = loop_state.get('best_leader_top1', -1.0)
   last_eval: dict[str, float] = loop_state.get('last_eval', {})
 
-  writer = metric_writers.MetricWriter(workdir, resume_step=step if latest is not None else None)
-  preemption = _PreemptionFlag()
+  # Records after `step` come from a run stopped before its next checkpoint (or from one that never saved): dropped.
+  writer = metric_writers.MetricWriter(workdir, resume_step=step)
+  stop_request = _StopRequest()
   check_finite = train_step_lib.check_finite
 
   def fetch_window() -> dict[str, float]:
@@ -219,6 +324,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if window_steps:
       # Never save a NaN state: the unfinished logging window is checked too.
       check_finite({k: v / window_steps for k, v in fetch_window().items()})
+    # The metrics can stay finite while a weight or a running variance is not: check every leaf of the state.
+    state_guard.check_state_finite(state, what=f'The train state at step {at_step}',
+                                   advice=_checkpoint_guard_advice(manager, workdir))
+    writer.sync()  # Every record up to this checkpoint is on disk before it exists.
     loop = {'metric_sums': fetch_window(), 'window_steps': window_steps, 'best_leader_top1': best_leader_top1,
             'last_eval': last_eval}
     checkpointing.save(target_manager, at_step, state,
@@ -262,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if jax.process_count() > 1:
           # Every process must stop at the same step: agree on the flag at the logging points.
           from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-          agreed_preemption = bool(np.any(multihost_utils.process_allgather(np.array(preemption.requested))))
+          agreed_preemption = bool(np.any(multihost_utils.process_allgather(np.array(stop_request.requested))))
 
       io_start = time.time()
       epoch_end = step % steps_per_epoch == 0
@@ -283,18 +392,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if epoch_end:
         epoch_bar.update(1)
 
-      preempted = preemption.requested if jax.process_count() == 1 else agreed_preemption
+      preempted = stop_request.requested if jax.process_count() == 1 else agreed_preemption
       if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
         save(manager, step)
       # Steps/s and the ETA measure training only: the time spent evaluating and saving is left out.
       window_start_time += time.time() - io_start
       if preempted:
-        logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved. Rerun the same command to '
-                        'resume.', step)
+        logging.warning('Stopped at step %d after %s; the checkpoint is saved. Rerun the same command to resume.',
+                        step, 'Ctrl-C' if stop_request.signal_name == 'SIGINT' else 'SIGTERM')
         break
   finally:
     epoch_bar.close()
-    preemption.close()
+    stop_request.close()
     manager.wait_until_finished()
     best_manager.wait_until_finished()
     manager.close()
@@ -302,12 +411,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
 
   summary = {'step': step, 'total_steps': total_steps, 'preempted': preempted,
+             'stopped_by': (stop_request.signal_name or 'SIGTERM') if preempted else None,
              'network': tracked, 'best_leader_top1': best_leader_top1,
              'last_leader_top1': last_eval.get(f'eval/top1/{tracked}'),
-             'last_eval': last_eval}
+             'last_eval': last_eval, 'skipped_bad_images': len(info.skipped_files)}
   if _is_leader_process() and not preempted:
-    with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
-      json.dump(summary, f, indent=2)
+    write_json_atomically(os.path.join(workdir, SUMMARY_FILE), summary)
   return summary
 
 
@@ -329,6 +438,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, check
         (', or pass --checkpoint=latest.' if checkpoint == 'best' else '.'))
   state = checkpointing.restore_state_only(manager, step, abstract_state, config)
   path = checkpointing.checkpoint_path(manager, step)
+  _restored_state_guard(state, path)
   manager.close()
   return state, step, path, mesh, info
 
@@ -352,8 +462,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
             'num_examples': int(count), 'step': int(step), 'checkpoint': path, 'model': config.model,
             'network': network}
   if _is_leader_process():
-    with open(os.path.join(workdir, EVAL_LEADER_FILE), 'w') as f:
-      json.dump(result, f, indent=2)
+    # Shown before writing: a read-only workdir must not lose the result.
     logging.info('%s (%s) from %s: top-1 %.2f%%%s', network, config.model, path, result['top1'],
                  f', top-5 {result["top5"]:.2f}%' if top5 else '')
+    try:
+      write_json_atomically(os.path.join(workdir, EVAL_LEADER_FILE), result)
+    except OSError as error:
+      logging.warning('Could not write %s (%s); the result is the line above.',
+                      os.path.join(workdir, EVAL_LEADER_FILE), error)
   return result
