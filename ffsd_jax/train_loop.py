@@ -209,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     A summary: final step, whether the run was stopped by a signal (and which), the leader's best and last top-1
     (percent).
   """
+  config_checks.validate_config(config)  # Also for callers that do not come through main.py.
   _mesh(config)  # Fails on bad batch sizes before the workdir is touched.
   with _writer_lock(workdir):
     return _train_and_evaluate(config, workdir)
@@ -428,6 +429,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, check
   """
   if checkpoint not in ('best', 'latest'):
     raise ValueError(f'Unknown checkpoint {checkpoint!r}; valid choices: best, latest.')
+  config_checks.validate_config(config)
   mesh, info, _, _, _, abstract_state = _setup(config)
   manager = checkpointing.create_manager(workdir, best=checkpoint == 'best', read_only=True)
   step = manager.latest_step()

@@ -1,4 +1,4 @@
-r"""Reliability costs: writing and verifying the checkpoint manifest (sha256 of every file) for real train states.
+r"""Reliability costs: the state guard, and writing and verifying the checkpoint manifest, for real train states.
 
 For each config, the FFSD train state (params, batch stats and optimizer state, shapes from `jax.eval_shape`) is filled
 with random values, saved once through `ffsd_jax.checkpointing` (Orbax, asynchronous, as the training loop saves), and
@@ -8,6 +8,8 @@ then timed:
   verify          `checkpointing.verify_checkpoint`, what every restore runs first
   restore         Orbax's restore of the train state alone, for scale
   sha256, blake2b one thread over the same files, to compare the hashlib digests
+  state_guard     `state_guard.nonfinite_leaves`: the on-device finiteness check run before every save and after
+                  every restore (first call with its compilation, then the median)
 The files were just written, so they are read from the page cache: the figures are the CPU cost of hashing, the floor
 of what a restore adds (from a cold disk, reading the files dominates and Orbax reads them too).
 
@@ -38,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ffsd_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from ffsd_jax import sharding as sharding_lib
+from ffsd_jax import state_guard
 from ffsd_jax import train_state as train_state_lib
 
 _CONFIGS = flags.DEFINE_list('configs', ['configs/cifar100_resnet32.py', 'configs/imagenet_resnet18.py'],
@@ -151,6 +154,14 @@ def time_orbax_restore(workdir: str, abstract: Any, repeats: int) -> float:
   return seconds
 
 
+def time_state_guard(state: Any, repeats: int) -> tuple[float, float]:
+  """(first call including compilation, median of the later calls) of the state guard, in seconds."""
+  start = time.perf_counter()
+  assert state_guard.nonfinite_leaves(state) == []
+  first = time.perf_counter() - start
+  return first, median_seconds(lambda: state_guard.nonfinite_leaves(state), repeats)
+
+
 def benchmark_config(path: str, root: str, repeats: int) -> None:
   """Prints one line per measurement for the train state of the config at `path`."""
   config = load_config(path)
@@ -158,6 +169,7 @@ def benchmark_config(path: str, root: str, repeats: int) -> None:
   state = random_train_state(abstract)
   workdir = os.path.join(root, os.path.splitext(os.path.basename(path))[0])
   step_dir, save_seconds = time_save(workdir, state, config)
+  guard_first, guard_seconds = time_state_guard(state, repeats)
   del state
   megabytes, num_files = step_megabytes(step_dir)
   print(f'{path}: {config.model} {config.method}, train state {state_megabytes(abstract):.1f} MB in arrays, '
@@ -174,6 +186,8 @@ def benchmark_config(path: str, root: str, repeats: int) -> None:
   line('restore', restore_seconds, f'  (Orbax alone; verify adds {100 * verify_seconds / restore_seconds:.0f}%)')
   for algorithm in ('sha256', 'blake2b'):
     line(algorithm, time_hash_algorithm(step_dir, algorithm, repeats), '  (one thread)')
+  print(f'  {"state_guard":<15} {guard_seconds:8.3f} s  (first call with compilation {guard_first:.3f} s; '
+        f'{len(jax.tree.leaves(abstract))} leaves)')
 
 
 def main(argv):

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,9 +21,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 
 from ffsd_jax import checkpointing
+from ffsd_jax import config_checks
 from ffsd_jax import metric_writers
 from ffsd_jax import state_guard
 from ffsd_jax import train_loop
@@ -382,3 +385,51 @@ def test_eval_result_is_shown_even_when_the_workdir_is_read_only(straight_run, m
   messages = [r.getMessage() for r in caplog.records]
   assert any(f'top-1 {result["top1"]:.2f}%' in m for m in messages), messages
   assert any('Could not write' in m and 'Read-only file system' in m for m in messages), messages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config changes on resume, and bad images.
+
+
+def _tree_hashes(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+def test_config_change_on_resume_is_refused_and_allowed_with_the_flag(straight_run, tmp_path):
+  workdir = tmp_path / 'changed'
+  shutil.copytree(straight_run, workdir)
+  before = _tree_hashes(workdir)
+  with pytest.raises(config_checks.ConfigChangeError,
+                     match=r'config.learning_rate: 0.1 in the checkpoint, 0.05 now.*allow_config_change=True'):
+    train_loop.train_and_evaluate(tiny_config(max_steps=TOTAL_STEPS + 2, learning_rate=0.05), str(workdir))
+  assert _tree_hashes(workdir) == before
+  summary = train_loop.train_and_evaluate(
+      tiny_config(max_steps=TOTAL_STEPS + 2, learning_rate=0.05, allow_config_change=True), str(workdir))
+  assert summary['step'] == TOTAL_STEPS + 2
+  records = [json.loads(line) for line in (workdir / config_checks.CONFIG_CHANGES_FILE).read_text().splitlines()]
+  assert len(records) == 1 and records[0]['step'] == TOTAL_STEPS
+  assert {(c['key'], c.get('old'), c.get('new')) for c in records[0]['changes']} == {
+      ('learning_rate', 0.1, 0.05), ('max_steps', TOTAL_STEPS, TOTAL_STEPS + 2), ('allow_config_change', False, True)}
+
+
+def _folder_config(root: pathlib.Path, **overrides):
+  return tiny_config(dataset='image_folder', image_folder=str(root), num_classes=2, max_steps=2,
+                     data_cache_dir=str(root.parent / 'cache'), **overrides)
+
+
+def test_corrupt_image_is_reported_before_training_and_skipped_with_the_option(tmp_path):
+  rng = np.random.default_rng(3)
+  root = tmp_path / 'images'
+  for split, count in (('train', 20), ('test', 8)):
+    for name in ('a', 'b'):
+      (root / split / name).mkdir(parents=True)
+      for i in range(count):
+        PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f'{i}.png')
+  corrupt = root / 'train' / 'b' / 'broken.png'
+  corrupt.write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=re.escape(str(corrupt))):
+    train_loop.train_and_evaluate(_folder_config(root), str(workdir))
+  assert not workdir.exists()
+  summary = train_loop.train_and_evaluate(_folder_config(root, skip_bad_images=True), str(workdir))
+  assert summary['step'] == 2 and summary['skipped_bad_images'] == 1
