@@ -87,7 +87,7 @@ def _digests(step_dir: str, rel_paths: list[str], algorithm: str) -> dict[str, s
     return dict(zip(rel_paths, digests))
 
 
-def _write_file_atomically(path: str, data: bytes) -> None:
+def write_file_atomically(path: str, data: bytes) -> None:
   """Writes `data` to a temporary name beside `path`, fsyncs it and renames it into place (then fsyncs the folder),
   so a kill or a full disk leaves either no file or the whole file."""
   tmp = f'{path}{_TMP_SUFFIX}{os.getpid()}'
@@ -122,7 +122,7 @@ def write_manifest(step_dir: str, step: int | None = None) -> str:
       'files': {rel: {'size': os.path.getsize(os.path.join(step_dir, rel)), 'digest': digests[rel]}
                 for rel in rel_paths}}
   path = os.path.join(step_dir, MANIFEST_FILE)
-  _write_file_atomically(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+  write_file_atomically(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
   return path
 
 

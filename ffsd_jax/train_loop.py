@@ -91,16 +91,7 @@ class _StopRequest:
 
 def write_json_atomically(path: str, value: Any) -> None:
   """Writes `value` as JSON to a temporary name and renames it, so a kill or a full disk never leaves half a file."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(value, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  checkpointing.write_file_atomically(path, json.dumps(value, indent=2).encode())
 
 
 def _is_leader_process() -> bool:

@@ -41,3 +41,25 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if 'multi_device' in item.keywords:
       item.add_marker(skip)
+
+
+TINY_RUN_STEPS = 6
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """(workdir, summary) of a 6-step FFSD run of `test_sharding.tiny_config`, trained once per session.
+
+  Tests read it, or copy it before damaging or extending it. It is compiled as the `fast_compilation` fixture of the
+  modules that use it compiles (session fixtures are set up before module ones), so resumed runs there match it.
+  """
+  from test_sharding import tiny_config  # pylint: disable=g-import-not-at-top
+  from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  try:
+    workdir = tmp_path_factory.mktemp('tiny_run')
+    summary = train_loop.train_and_evaluate(tiny_config(max_steps=TINY_RUN_STEPS), str(workdir))
+  finally:
+    jax.config.update('jax_disable_most_optimizations', previous)
+  return workdir, summary

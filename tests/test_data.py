@@ -35,7 +35,7 @@ def _config(**overrides):
   return config
 
 
-def _load_prepare_script():
+def load_prepare_script():
   sys.path.insert(0, str(REPO_ROOT / 'scripts'))
   try:
     import prepare_data  # pylint: disable=g-import-not-at-top
@@ -313,7 +313,7 @@ def cifar100_sample_tfds(tmp_path_factory):
   root = tmp_path_factory.mktemp('cifar100_samples')
   files = _cifar100_sample_folder(root / 'folder')
   data_dir = root / 'tfds'
-  _load_prepare_script().prepare_image_folder(root / 'folder', 'cifar100_samples', data_dir)
+  load_prepare_script().prepare_image_folder(root / 'folder', 'cifar100_samples', data_dir)
   return data_dir, files
 
 

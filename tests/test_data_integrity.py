@@ -9,7 +9,6 @@ import logging
 import os
 import pathlib
 import struct
-import sys
 import zlib
 
 import numpy as np
@@ -19,8 +18,8 @@ import pytest
 from configs.default import get_config
 from ffsd_jax import data
 from ffsd_jax.data import sources
+from test_data import load_prepare_script
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path, **overrides):
@@ -34,15 +33,6 @@ def _config(tmp_path, **overrides):
 def _folder_config(tmp_path, root, image_size, **overrides):
   return _config(tmp_path, dataset='image_folder', image_folder=str(root), num_classes=2, image_size=image_size,
                  **overrides)
-
-
-def _load_prepare_script():
-  sys.path.insert(0, str(REPO_ROOT / 'scripts'))
-  try:
-    import prepare_data  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  return prepare_data
 
 
 def _write_image(path: pathlib.Path, rng, size: int) -> None:
@@ -305,7 +295,7 @@ def test_tfds_record_errors_name_record_split_and_dataset(tmp_path):
 
 
 def test_prepare_rejects_an_invalid_name_before_writing(tmp_path, capsys):
-  prepare_data = _load_prepare_script()
+  prepare_data = load_prepare_script()
   root = _image_folder(tmp_path / 'images', 8, per_class=1)
   data_dir = tmp_path / 'tfds'
   with pytest.raises(SystemExit) as exit_info:
@@ -323,7 +313,7 @@ def test_prepare_rejects_an_invalid_name_before_writing(tmp_path, capsys):
 
 
 def test_prepare_lists_bad_files_skips_them_and_is_not_blocked(tmp_path, monkeypatch):
-  prepare_data = _load_prepare_script()
+  prepare_data = load_prepare_script()
   root = _image_folder(tmp_path / 'images', 8, per_class=2)
   corrupt, truncated = _with_bad_files(root, 8)
   data_dir = tmp_path / 'tfds'
@@ -355,7 +345,7 @@ def test_prepare_lists_bad_files_skips_them_and_is_not_blocked(tmp_path, monkeyp
 
 
 def test_prepared_dataset_shape_error_names_record_split_and_dataset(tmp_path):
-  prepare_data = _load_prepare_script()
+  prepare_data = load_prepare_script()
   root = _image_folder(tmp_path / 'images', 32, per_class=1)
   _write_image(root / 'train' / 'b' / 'tiny.png', np.random.default_rng(4), 1)  # The 3rd train record.
   data_dir = tmp_path / 'tfds'

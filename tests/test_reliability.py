@@ -31,6 +31,7 @@ from ffsd_jax import state_guard
 from ffsd_jax import train_loop
 from ffsd_jax import workdir_lock
 from test_sharding import REPO_ROOT, fast_compilation, tiny_config  # pylint: disable=unused-import
+from test_train_loop import signal_at_batch
 
 TOTAL_STEPS = 6
 STOP_STEP = 3
@@ -41,7 +42,9 @@ def run_config():
 
 
 def _subprocess_env(**overrides: str) -> dict[str, str]:
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO_ROOT), **overrides)
+  """The environment of a child run: CPU, the repository importable, and the tests' compilation cache."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO_ROOT),
+              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir, **overrides)
 
 
 def _comparable(records):
@@ -61,35 +64,10 @@ def _assert_same_run(workdir, straight_dir):
 
 
 @pytest.fixture(scope='module')
-def straight_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('straight')
-  train_loop.train_and_evaluate(run_config(), str(workdir))
-  return workdir
-
-
-def _signal_at_batch(monkeypatch, batch_number: int, signals: tuple[int, ...]):
-  """Makes the data iterator send this process real signals while it hands out batch `batch_number` (1-based)."""
-  original = train_loop.data_lib.create_train_iterator
-
-  class _Iterator:
-
-    def __init__(self, inner):
-      self._inner, self._count = inner, 0
-
-    def __next__(self):
-      self._count += 1
-      if self._count == batch_number:
-        for signum in signals:
-          os.kill(os.getpid(), signum)
-      return next(self._inner)
-
-    def get_state(self):
-      return self._inner.get_state()
-
-    def set_state(self, state):
-      self._inner.set_state(state)
-
-  monkeypatch.setattr(train_loop.data_lib, 'create_train_iterator', lambda *a, **k: _Iterator(original(*a, **k)))
+def straight_run(tiny_run):
+  """The session's 6-step run without interruption."""
+  assert tiny_run[1]['total_steps'] == TOTAL_STEPS
+  return tiny_run[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,20 +240,39 @@ def test_lock_heartbeat_refreshes_the_file(tmp_path):
 
 def _stop_at(monkeypatch, workdir, signals):
   with monkeypatch.context() as patch:
-    _signal_at_batch(patch, STOP_STEP, signals)
+    signal_at_batch(patch, STOP_STEP, signals)
     return train_loop.train_and_evaluate(run_config(), str(workdir))
 
 
-def test_torn_metrics_line_resumes_exactly(straight_run, tmp_path, monkeypatch):
-  workdir = tmp_path / 'torn'
-  summary = _stop_at(monkeypatch, workdir, (signal.SIGTERM,))
-  assert summary['stopped_by'] == 'SIGTERM' and summary['step'] == STOP_STEP
-  metrics = workdir / metric_writers.METRICS_FILE
-  with open(metrics, 'a') as f:
-    f.write('{"step": 4, "loss/total": 1.2')  # A write cut short by a full disk.
-  assert len(metric_writers.read_metrics(str(workdir))) == 1  # Readers skip the torn line.
+def test_ctrl_c_torn_metrics_line_and_replayed_tensorboard_points_resume_exactly(straight_run, tmp_path,
+                                                                                 monkeypatch):
+  """Ctrl-C at step 3 saves; then a record torn by a full disk and a TensorBoard point logged past the checkpoint
+  (a run killed after logging step 4): the resumed run's metrics, parameters and TensorBoard points are those of the
+  run that never stopped."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
+  def scalars(workdir):
+    accumulator = event_accumulator.EventAccumulator(str(workdir / 'tensorboard'), size_guidance={'scalars': 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()['scalars']
+            if tag != 'steps_per_sec'}
+
+  workdir = tmp_path / 'sigint'
+  summary = _stop_at(monkeypatch, workdir, (signal.SIGINT,))
+  assert summary['preempted'] and summary['stopped_by'] == 'SIGINT' and summary['step'] == STOP_STEP
+  assert os.listdir(workdir / checkpointing.LATEST_DIR) == [str(STOP_STEP)]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # The previous handler is back.
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
+  writer = metric_writers.MetricWriter(str(workdir))
+  writer.write_scalars(4, {'loss/total': 123.0})
+  writer.close()
+  with open(workdir / metric_writers.METRICS_FILE, 'a') as f:
+    f.write('{"step": 4, "loss/total": 1.2')  # Cut short by a full disk.
+  assert [r['step'] for r in metric_writers.read_metrics(str(workdir))] == [2, 4]  # The torn line is skipped.
+
   train_loop.train_and_evaluate(run_config(), str(workdir))
   _assert_same_run(workdir, straight_run)
+  assert scalars(workdir) == scalars(straight_run)
 
 
 def test_damaged_metrics_line_in_the_middle_is_named(tmp_path):
@@ -283,39 +280,6 @@ def test_damaged_metrics_line_in_the_middle_is_named(tmp_path):
   path.write_text('{"step": 2}\n{"step": 4, "lo\n{"step": 6}\n')
   with pytest.raises(ValueError, match=rf'{path}, line 2, is not a JSON record'):
     metric_writers.read_metrics(str(tmp_path))
-
-
-def test_tensorboard_keeps_no_duplicate_points_after_resume(straight_run, tmp_path, monkeypatch):
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
-
-  def scalars(workdir):
-    accumulator = event_accumulator.EventAccumulator(str(workdir / 'tensorboard'), size_guidance={'scalars': 0})
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()['scalars']}
-
-  workdir = tmp_path / 'tb'
-  _stop_at(monkeypatch, workdir, (signal.SIGTERM,))
-  # The stopped run logged step 2 only; make it look like a run killed after logging step 4 past its checkpoint.
-  writer = metric_writers.MetricWriter(str(workdir))
-  writer.write_scalars(4, {'loss/total': 123.0})
-  writer.close()
-  train_loop.train_and_evaluate(run_config(), str(workdir))
-  resumed, straight = scalars(workdir), scalars(straight_run)
-  assert resumed.keys() == straight.keys()
-  for tag, points in straight.items():
-    if tag != 'steps_per_sec':
-      assert resumed[tag] == points, tag
-
-
-def test_ctrl_c_saves_and_resumes_exactly(straight_run, tmp_path, monkeypatch):
-  workdir = tmp_path / 'sigint'
-  summary = _stop_at(monkeypatch, workdir, (signal.SIGINT,))
-  assert summary['preempted'] and summary['stopped_by'] == 'SIGINT' and summary['step'] == STOP_STEP
-  assert os.listdir(workdir / checkpointing.LATEST_DIR) == [str(STOP_STEP)]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # The previous handler is back.
-  assert not (workdir / workdir_lock.LOCK_FILE).exists()
-  train_loop.train_and_evaluate(run_config(), str(workdir))
-  _assert_same_run(workdir, straight_run)
 
 
 def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path):
@@ -406,6 +370,11 @@ def test_config_change_on_resume_is_refused_and_allowed_with_the_flag(straight_r
   summary = train_loop.train_and_evaluate(
       tiny_config(max_steps=TOTAL_STEPS + 2, learning_rate=0.05, allow_config_change=True), str(workdir))
   assert summary['step'] == TOTAL_STEPS + 2
+  # Step folders holding manifests still restore, and max_to_keep deletes old steps with theirs.
+  assert sorted(os.listdir(workdir / checkpointing.LATEST_DIR)) == ['6', '8']
+  assert len(os.listdir(workdir / checkpointing.BEST_DIR)) == 1
+  for step_dir in [*(workdir / checkpointing.LATEST_DIR).iterdir(), *(workdir / checkpointing.BEST_DIR).iterdir()]:
+    assert checkpointing.verify_checkpoint(str(step_dir)) is True
   records = [json.loads(line) for line in (workdir / config_checks.CONFIG_CHANGES_FILE).read_text().splitlines()]
   assert len(records) == 1 and records[0]['step'] == TOTAL_STEPS
   assert {(c['key'], c.get('old'), c.get('new')) for c in records[0]['changes']} == {

@@ -31,8 +31,8 @@ def run_config():
   return tiny_config(max_steps=TOTAL_STEPS)
 
 
-def _sigterm_at_batch(monkeypatch, batch_number: int):
-  """Makes the data iterator send this process a real SIGTERM while it hands out batch `batch_number` (1-based)."""
+def signal_at_batch(monkeypatch, batch_number: int, signals: tuple[int, ...] = (signal.SIGTERM,)):
+  """Makes the data iterator send this process real signals while it hands out batch `batch_number` (1-based)."""
   original = train_loop.data_lib.create_train_iterator
 
   class _Iterator:
@@ -43,7 +43,8 @@ def _sigterm_at_batch(monkeypatch, batch_number: int):
     def __next__(self):
       self._count += 1
       if self._count == batch_number:
-        os.kill(os.getpid(), signal.SIGTERM)
+        for signum in signals:
+          os.kill(os.getpid(), signum)
       return next(self._inner)
 
     def get_state(self):
@@ -57,11 +58,10 @@ def _sigterm_at_batch(monkeypatch, batch_number: int):
 
 
 @pytest.fixture(scope='module')
-def straight_run(tmp_path_factory):
-  """6 steps without interruption."""
-  workdir = tmp_path_factory.mktemp('straight')
-  summary = train_loop.train_and_evaluate(run_config(), str(workdir))
-  return workdir, summary
+def straight_run(tiny_run):
+  """6 steps without interruption (the session's tiny run)."""
+  assert tiny_run[1]['total_steps'] == TOTAL_STEPS
+  return tiny_run
 
 
 def _tree_hashes(root: pathlib.Path) -> dict[str, str]:
@@ -95,7 +95,7 @@ def test_sigterm_then_resume_is_exact(straight_run, tmp_path, monkeypatch):
   straight_dir, _ = straight_run
   workdir = tmp_path / 'resumed'
   with monkeypatch.context() as patch:
-    _sigterm_at_batch(patch, STOP_STEP)
+    signal_at_batch(patch, STOP_STEP)
     summary = train_loop.train_and_evaluate(run_config(), str(workdir))
   assert summary['preempted'] and summary['step'] == STOP_STEP
   assert os.listdir(workdir / checkpointing.LATEST_DIR) == [str(STOP_STEP)]
