@@ -1,9 +1,9 @@
-"""FFSD on CIFAR-100 with WRN-40-2: 2 students + 1 leader, 299 epochs, batch 128 (reference §8, §9).
+"""FFSD on CIFAR-100 with WRN-40-2: 2 students + 1 leader, 299 epochs, batch 128 (docs/method.md §8, §9).
 
 Run:
   python main.py --config configs/cifar100_wrn40_2.py --workdir runs/cifar100_wrn40_2_ffsd
 
-Expected (reference §11.1, official README, best-epoch leader top-1 of 3 runs): 79.13, 79.19, 79.11 (mean 79.14 ± 0.04).
+Expected (docs/method.md §11: official README, best-epoch leader top-1, 3 runs): 79.13, 79.19, 79.11; mean 79.14 ± 0.04.
 The number to compare is `best_leader_top1` in runs/.../summary.json (the leader's best-epoch test top-1).
 """
 

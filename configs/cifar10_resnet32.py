@@ -3,7 +3,7 @@
 Run:
   python main.py --config configs/cifar10_resnet32.py --workdir runs/cifar10_resnet32_ffsd
 
-Expected: the official README reports no CIFAR-10 result (reference §11.1); no reference number to compare.
+Expected: the official README reports no CIFAR-10 result (docs/method.md §11); no reference number to compare.
 CIFAR-10 uses its own normalisation constants (ffsd_jax/data/normalization.py).
 """
 

@@ -1,10 +1,10 @@
-"""FFSD on ImageNet (ILSVRC-2012) with ResNet-18: 2 students + 1 leader, 89 epochs, global batch 256 (reference §8).
+"""FFSD on ImageNet (ILSVRC-2012) with ResNet-18: 2 students + 1 leader, 89 epochs, batch 256 (docs/method.md §8.3).
 
 Run (prepare the data first, see scripts/prepare_data.py; multi-host launch in the README):
   python main.py --config configs/imagenet_resnet18.py --workdir runs/imagenet_resnet18_ffsd \
       --config.data_dir=/path/to/tensorflow_datasets
 
-Expected (reference §11.1, official README, one run): leader top-1 70.87% (best epoch; top-5 is logged too).
+Expected (docs/method.md §11, official README, one run): leader top-1 70.87% (best epoch; top-5 is logged too).
 """
 
 from configs.default import get_config as get_default_config

@@ -4,7 +4,7 @@ Run (prepare the data first, see scripts/prepare_data.py; multi-host launch in t
   python main.py --config configs/imagenet_resnet34.py --workdir runs/imagenet_resnet34_ffsd \
       --config.data_dir=/path/to/tensorflow_datasets
 
-Expected (reference §11.1, official README, one run): leader top-1 74.69% (best epoch; top-5 is logged too).
+Expected (docs/method.md §11, official README, one run): leader top-1 74.69% (best epoch; top-5 is logged too).
 """
 
 from configs.imagenet_resnet18 import get_config as get_resnet18_config

@@ -1,8 +1,8 @@
-"""Attention maps, the normalised distance and the diversity shift (reference §2, §5).
+"""Attention maps, the normalised distance and the diversity shift (docs/method.md §2, §5).
 
 These primitives are shared by the model (which needs the diversity-shifted feature as the input of a decoder's
 eval-mode pass) and by the FFSD objective. Features are NHWC. All math is done in float32 whatever the compute dtype,
-because the attention distances are O(1/N) and are scaled by weights from 1e-5 to 1e3 (reference §12.12).
+because the attention distances are O(1/N) and are scaled by weights from 1e-5 to 1e3 (docs/method.md §12.5).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def normalized_distance(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def diversity_shift(attention: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The shift rule of reference §5.1 on a raw attention map.
+  """The shift rule of docs/method.md §5.1 on a raw attention map.
 
   Args:
     attention: raw attention map `a`, shape (B, N).
@@ -55,14 +55,14 @@ def diversity_shift(attention: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
   nu = _safe_norm(attention)
   a_hat = attention / nu
   theta = jnp.sort(a_hat, axis=1)[:, k - 1:k]
-  # The reference writes (ν/2 − â)·sign(â − θ) + ν/2. Selecting the three cases gives the same values without the
-  # float32 cancellation of ν/2 − ν/2 below θ (ν ≫ â), so the bottom third is kept bit-exactly as §5.3 intends.
+  # The official code writes (ν/2 − â)·sign(â − θ) + ν/2. Selecting the three cases gives the same values without
+  # the float32 cancellation of ν/2 − ν/2 below θ (ν ≫ â), so the bottom third is kept bit-exactly as §5.1 intends.
   target = jnp.where(a_hat > theta, nu - a_hat, jnp.where(a_hat < theta, a_hat, jnp.broadcast_to(nu / 2, a_hat.shape)))
   return target, a_hat, nu
 
 
 def diversity_shifted_feature(feature: jax.Array) -> jax.Array:
-  """Ỹ of reference §5.3: add (target − â)·ν / C to every channel at each spatial position.
+  """Ỹ of docs/method.md §5.3: add (target − â)·ν / C to every channel at each spatial position.
 
   Args:
     feature: the previous student's last tap Y, NHWC. The caller detaches it.

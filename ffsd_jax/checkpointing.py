@@ -4,7 +4,7 @@ Two managers live in the workdir:
 - `checkpoints/`: the latest checkpoints (every `config.checkpoint_every_steps`, at the end and on SIGTERM), of which
   `config.keep_checkpoints` are kept; a run in a workdir that has one resumes from it.
 - `checkpoints_best/`: one checkpoint, the train state at the epoch with the best leader top-1 (what the reference
-  reports and deploys, reference §10).
+  reports and deploys, docs/method.md §10).
 
 Each checkpoint holds four items: `state` (StandardSave of the whole `TrainState`), `data_iterator` (JSON: every
 process's iterator state, keyed by process index), `loop` (JSON: metric sums of the unfinished logging window, best

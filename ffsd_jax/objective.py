@@ -1,9 +1,9 @@
-"""The FFSD, DML and independent objectives (reference §6) and the λ warm-up.
+"""The FFSD, DML and independent objectives (docs/method.md §6) and the λ warm-up.
 
-Every term is computed in float32 whatever the compute dtype (reference §12.12). The objective returns the sum of the
+Each term is computed in float32 whatever the compute dtype (docs/method.md §12.5). The objective returns the sum of the
 per-group losses: because every cross-group quantity is wrapped in `stop_gradient` exactly where §6 writes sg(·), the
 gradient of that sum with respect to one group's parameters equals the gradient of the group's own loss, which is what
-the reference's sequential per-optimizer updates compute (§7).
+the official code's sequential per-optimizer updates compute (§7.3).
 
 Groups (the keys of `ObjectiveResult.group_losses`) and the top-level parameter keys each one trains:
 `student_i` → `student_i`; `leader` → `leader` and `trans_fusion`; `fusion` → `fusion`; `decoder_i` → `decoder_i`
@@ -25,13 +25,13 @@ METHODS = ('ffsd', 'dml', 'independent')
 # Top-level parameter keys trained by each loss group that is not a single key of the same name.
 GROUP_PARAM_KEYS = {'leader': ('leader', 'trans_fusion')}
 
-# exp(−WARMUP_SHARPNESS·(1 − e/E)²): the reference's `lambda_warmup` (§6).
+# exp(−WARMUP_SHARPNESS·(1 − e/E)²): the official code's `lambda_warmup` (docs/method.md §6.5).
 WARMUP_SHARPNESS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-  """The scalar hyper-parameters of the objective (reference §6, 'Defaults')."""
+  """The scalar hyper-parameters of the objective (docs/method.md §6)."""
   temperature: float = 2.0
   lambda_diversity: float = 1e-5
   lambda_fusion: float = 10.0
@@ -73,7 +73,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def kl_divergence(logits: jax.Array, target_logits: jax.Array, temperature: float) -> jax.Array:
   """T² · KL_T(softmax(sg(target)/T) ‖ softmax(logits/T)) with PyTorch's 'batchmean' reduction (sum / B).
 
-  The target side is always detached (reference §2). `xlogy` gives 0·log 0 = 0 where the target underflows.
+  The target side is always detached (docs/method.md §2). `xlogy` gives 0·log 0 = 0 where the target underflows.
   """
   temperature = float(temperature)
   target_logits = jax.lax.stop_gradient(target_logits.astype(jnp.float32))
@@ -89,7 +89,7 @@ def attention_distance(feature: jax.Array, target_feature: jax.Array) -> jax.Arr
 
 
 def diversity_loss(feature: jax.Array, previous_feature: jax.Array) -> jax.Array:
-  """L_div (reference §5.2): mean over B×N of (n(A(f_i)) − shift(A(sg(f_{i−1}))))², the target un-normalised."""
+  """L_div (§5.2): mean over B×N of (n(A(f_i)) − shift(A(sg(f_{i−1}))))², the target un-normalised."""
   target, _, _ = diversity_shift(attention_map(jax.lax.stop_gradient(previous_feature)))
   return jnp.mean(jnp.square(l2_normalize(attention_map(feature)) - target))
 
@@ -178,7 +178,7 @@ def _student_logit_terms(student_logits: Sequence[jax.Array], labels: jax.Array,
 
 def ffsd_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
                    warmup: jax.Array | float = 1.0) -> ObjectiveResult:
-  """The full FFSD objective of reference §6 on the `FFSDModel` output dict.
+  """The full FFSD objective of docs/method.md §6 on the `FFSDModel` output dict.
 
   Args:
     outputs: `FFSDModel.__call__(images, train=True)` (docs/architecture.md).
@@ -214,7 +214,7 @@ def ffsd_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossW
       self_distillation = attention_self_distillation_loss(student_taps[i], student_sd_targets[i - 1])
       terms[f'student_{i}/diversity'] = diversity
       terms[f'student_{i}/sd'] = self_distillation
-      # Both diversity terms are weighted by λ_div (reference §6.1, §13.3).
+      # Both diversity terms are weighted by λ_div (docs/method.md §6.1, §13.3).
       loss = loss + lambda_diversity * (diversity + self_distillation)
     group_losses[f'student_{i}'] = loss
 
@@ -234,7 +234,7 @@ def ffsd_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossW
   terms['leader/fusion_attention'] = attention_distance(leader_taps[-1], fused)
   terms['leader/trans_fusion'] = attention_distance(outputs['trans_fusion'], fusion_input)
   terms['leader/sd'] = attention_self_distillation_loss(leader_taps, outputs['leader_sd_targets'])
-  # λ_f scales all three feature terms, the leader's SD term included (reference §6.3, §6.5).
+  # λ_f scales all three feature terms, the leader's SD term included (docs/method.md §6.3, §6.5).
   group_losses['leader'] = (terms['leader/ce'] + terms['leader/kl'] + lambda_fusion * (
       terms['leader/fusion_attention'] + terms['leader/trans_fusion'] + terms['leader/sd']))
 
@@ -252,7 +252,7 @@ def ffsd_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossW
 
 def dml_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
                   warmup: jax.Array | float = 1.0) -> ObjectiveResult:
-  """DML baseline: the m common students with CE + mutual KL only (the first two lines of §6.1)."""
+  """DML baseline: the m common students with CE + mutual KL only (the first two lines of §6.1; §6.6)."""
   student_losses, terms = _student_logit_terms(tuple(outputs['student_logits']), labels, weights.temperature,
                                                with_kl=True)
   group_losses = {f'student_{i}': loss for i, loss in enumerate(student_losses)}

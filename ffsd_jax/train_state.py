@@ -1,4 +1,4 @@
-"""The functional train state, the per-group optimizers and the learning-rate schedules (reference §8, §12.5–12.7).
+"""The functional train state, the per-group optimizers and the learning-rate schedules (docs/method.md §8).
 
 One `TrainState` holds every network's parameters, batch statistics and optimizer state. `optax.multi_transform`
 gives each group its own optimizer, as the reference does with one PyTorch optimizer per network:
@@ -27,7 +27,7 @@ import optax
 
 from ffsd_jax.models.ffsd import FFSDModel
 
-# The ImageNet trainer's per-iteration warm-up covers epochs 1..4 (`epoch < 5`, 1-based), reference §8.
+# The ImageNet trainer's per-iteration warm-up covers epochs 1..4 (`epoch < 5`, 1-based), docs/method.md §8.3.
 IMAGENET_WARMUP_EPOCHS = 5
 LR_SCHEDULES = ('cifar', 'imagenet')
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -99,7 +99,7 @@ def multistep_schedule(base_lr: float, epoch_boundaries: tuple[int, ...], decay:
 
 def imagenet_network_schedule(base_lr: float, epoch_boundaries: tuple[int, ...], decay: float,
                               steps_per_epoch: int) -> optax.Schedule:
-  """The ImageNet trainers' per-iteration rule for students, leader and fusion (reference §8).
+  """The ImageNet trainers' per-iteration rule for students, leader and fusion (docs/method.md §8.3).
 
   With the 1-based epoch e = step // spe + 1 and the step within the epoch s = step % spe:
   lr = base · decay^#{b : e ≥ b}, times (1 + s + e·spe) / (5·spe) while e < 5. With boundaries (30, 60, 80) the
@@ -170,7 +170,7 @@ def param_labels(params: Any) -> dict[str, Any]:
 
 def create_optimizer(config: ml_collections.ConfigDict, params: Any,
                      steps_per_epoch: int) -> optax.GradientTransformation:
-  """One optimizer per group present in `params` (reference §8), combined with `optax.multi_transform`."""
+  """One optimizer per group present in `params` (docs/method.md §8.1), combined with `optax.multi_transform`."""
   schedules = learning_rate_schedules(config, steps_per_epoch)
   transforms = {}
   for group in sorted({param_group(key) for key in params}):

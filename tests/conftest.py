@@ -43,6 +43,51 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip)
 
 
+# Tests that read the real CIFAR-100 / ImageNet samples in SHARED_DATA, beside the repository rather than in it: in a
+# clone without that folder they skip, and the terminal summary says so. (module file, test function) -> sample folder.
+REAL_DATA_TESTS = {
+    ('test_data.py', 'test_cifar100_real_samples_through_prepared_tfds'): 'cifar100-test-samples',
+    ('test_data.py', 'test_reading_never_imports_tensorflow'): 'cifar100-test-samples',
+    ('test_data.py', 'test_imagenet_real_samples_eval_and_train'): 'imagenet-samples',
+}
+_real_data_outcomes: dict[str, tuple[str, str]] = {}  # nodeid -> (outcome, skip reason)
+
+
+def _is_real_data_test(report) -> bool:
+  path, _, name = report.nodeid.partition('::')
+  key = (pathlib.PurePath(path).name, name.split('[')[0])
+  skip_reason = str(report.longrepr[-1]) if report.skipped and isinstance(report.longrepr, tuple) else ''
+  return key in REAL_DATA_TESTS or str(SHARED_DATA) in skip_reason
+
+
+def pytest_runtest_logreport(report):
+  """Records the outcome of every real-data test (a skip or failure in any phase wins over a passed call)."""
+  if not _is_real_data_test(report):
+    return
+  previous = _real_data_outcomes.get(report.nodeid, ('passed', ''))
+  if report.failed:
+    _real_data_outcomes[report.nodeid] = ('failed', '')
+  elif report.skipped and previous[0] != 'failed':
+    reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ''
+    _real_data_outcomes[report.nodeid] = ('skipped', reason.removeprefix('Skipped: '))
+  elif report.nodeid not in _real_data_outcomes:
+    _real_data_outcomes[report.nodeid] = previous
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Lists which real-data tests ran and which skipped because the samples are not there."""
+  if not _real_data_outcomes:
+    return
+  terminalreporter.write_sep('-', 'real CIFAR-100 / ImageNet sample tests')
+  for nodeid, (outcome, reason) in sorted(_real_data_outcomes.items()):
+    line = f'{outcome.upper():8s}{nodeid}'
+    terminalreporter.write_line(line + (f'  ({reason})' if reason else ''))
+  if any(outcome == 'skipped' for outcome, _ in _real_data_outcomes.values()):
+    terminalreporter.write_line(
+        f'These tests read samples from {SHARED_DATA}, outside the repository, and skip where it is missing; the '
+        'other data tests use synthetic and generated images.')
+
+
 TINY_RUN_STEPS = 6
 
 

@@ -1,4 +1,4 @@
-"""Tests of the backbones, heads and FFSDModel against the reference (§3, §3.6, §4, §7, §12) and NumPy.
+"""Tests of the backbones, heads and FFSDModel against docs/method.md (§3, §4, §7, §12) and NumPy.
 
 Shapes and parameter counts use `jax.eval_shape` (nothing is compiled or allocated, so even ResNet-34 is cheap).
 Functional tests use variables filled with random values from NumPy instead of a compiled `init`: compiling the
@@ -63,12 +63,12 @@ def _cifar_resnet_param_count(blocks: int, widths=(16, 32, 64), classes: int = 1
 # --------------------------------------------------------------------------------------------------------------------
 # Parameter counts, tap shapes, decoder shapes.
 
-REFERENCE_PARAM_COUNTS = {  # reference §3 (100 CIFAR classes, 1000 ImageNet classes)
+REFERENCE_PARAM_COUNTS = {  # docs/method.md §3 (100 CIFAR classes, 1000 ImageNet classes)
     'resnet20': 278_324, 'resnet32': 472_756, 'resnet56': 861_620, 'wrn16_2': 704_420, 'wrn40_2': 2_258_084,
     'densenet40': 1_100_428, 'googlenet': 6_258_500, 'resnet18': 11_689_512, 'resnet34': 21_797_672,
 }
 
-REFERENCE_TAPS = {  # reference §3 table, (H, W, C) at the default input size
+REFERENCE_TAPS = {  # docs/method.md §3, (H, W, C) at the default input size
     'resnet20': ((32, 32, 16), (16, 16, 32), (8, 8, 64)),
     'wrn16_2': ((32, 32, 32), (16, 16, 64), (8, 8, 128)),
     'wrn40_2': ((32, 32, 32), (16, 16, 64), (8, 8, 128)),
@@ -87,7 +87,7 @@ def test_cifar_resnet_formula_matches_reference_and_defines_resnet110():
   assert _cifar_resnet_param_count(3) == 278_324
   assert _cifar_resnet_param_count(5) == 472_756
   assert _cifar_resnet_param_count(9) == 861_620
-  # ResNet-110 is not in the release (§13 #9): the standard BasicBlock [18, 18, 18] with option-B shortcuts.
+  # ResNet-110 is not in the release (§13.9): the standard BasicBlock [18, 18, 18] with option-B shortcuts.
   assert _cifar_resnet_param_count(18) == 1_736_564
   assert models.get_spec('resnet110').param_count == 1_736_564
   assert models.get_spec('resnet8').param_count == _cifar_resnet_param_count(1)
@@ -171,7 +171,7 @@ def test_batch_norm_train_and_eval_match_numpy():
   train_bn = layers.norm_factory(nn.BatchNorm, train=True, dtype=jnp.float32)()
   y, updated = train_bn.apply(variables, x, mutable=['batch_stats'])
   batch_mean = x.mean(axis=(0, 1, 2))
-  batch_var = x.var(axis=(0, 1, 2))  # biased, as Flax (PyTorch uses the unbiased one for the running var, §16)
+  batch_var = x.var(axis=(0, 1, 2))  # biased, as Flax (PyTorch uses the unbiased one for the running var, §12.1)
   np.testing.assert_allclose(y, (x - batch_mean) / np.sqrt(batch_var + 1e-5) * scale + bias, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(updated['batch_stats']['mean'], 0.9 * old_mean + 0.1 * batch_mean, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(updated['batch_stats']['var'], 0.9 * old_var + 0.1 * batch_var, rtol=1e-5, atol=1e-6)

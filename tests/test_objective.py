@@ -1,4 +1,4 @@
-"""The FFSD loss functions against independent NumPy implementations written from reference §2, §5 and §6."""
+"""The FFSD loss functions against independent NumPy implementations written from docs/method.md §2, §5 and §6."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 from ffsd_jax import attention, objective
 
 # ----------------------------------------------------------------------------------------------------------------------
-# NumPy reference implementations, written from the specification (float64, explicit loops where the spec is
-# element-wise).
+# NumPy reference implementations, written from docs/method.md (float64, explicit loops where it is element-wise).
 
 
 def np_attention(feature):

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and per-group optimizers against hand-written NumPy PyTorch rules (reference §8, §12)."""
+"""Learning-rate schedules and per-group optimizers against hand-written NumPy PyTorch rules (docs/method.md §8)."""
 
 from __future__ import annotations
 

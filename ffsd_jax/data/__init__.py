@@ -1,4 +1,4 @@
-"""Input pipelines: TFDS (ArrayRecord) / image-folder / synthetic sources, §9 augmentation, per-process batches.
+"""Input pipelines: TFDS (ArrayRecord) / image-folder / synthetic sources, augmentation (docs/method.md §9), batches.
 
 Public API (the contract the train loop codes against):
   DatasetInfo, get_dataset_info(config), create_train_iterator(config, ...), create_eval_batches(config, ...).

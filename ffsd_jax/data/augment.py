@@ -1,4 +1,4 @@
-"""Augmentation exactly as the reference (§9), on uint8 pixels; normalisation happens later, on the device.
+"""Augmentation exactly as the official code (docs/method.md §9), on uint8 pixels; normalisation comes later, on device.
 
 CIFAR: Pad(4, reflect), RandomHorizontalFlip, RandomCrop(32), vectorised over a batch in NumPy.
 ImageNet: torchvision's RandomResizedCrop(224, scale=(0.08, 1), ratio=(3/4, 4/3)) with its 10-try fallback and

@@ -1,4 +1,4 @@
-"""Per-channel normalisation constants (reference §9), applied on the device to uint8 images."""
+"""Per-channel normalisation constants (docs/method.md §9), applied on the device to uint8 images."""
 
 from __future__ import annotations
 

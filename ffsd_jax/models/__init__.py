@@ -2,7 +2,7 @@
 
 Every backbone is a Flax Linen module with `__call__(images, train) -> (logits, taps)`: NHWC inputs, float32
 parameters, a `dtype` field for the compute dtype, logits in float32, and taps a tuple of NHWC maps in forward order
-(reference §3 table). The last tap feeds the fusion module, the diversity shift and the trans-fusion head; the
+(docs/method.md §3). The last tap feeds the fusion module, the diversity shift and the trans-fusion head; the
 self-distillation decoder rebuilds every tap but the last from it.
 
 The leader inside `FFSDModel` is a plain backbone, so `create_backbone(name, classes).apply({'params':

@@ -1,4 +1,4 @@
-"""DenseNet-40 (growth 12, basic non-bottleneck layers, no compression) for CIFAR (reference §3.3).
+"""DenseNet-40 (growth 12, basic non-bottleneck layers, no compression) for CIFAR (docs/method.md §3.3).
 
 Channels: 24 after the stem, 168 after dense1, 312 after dense2, 456 after dense3. Taps: dense1 168@32, dense2 312@16,
 relu 456@8 (after the final BN + ReLU).

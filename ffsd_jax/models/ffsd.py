@@ -1,13 +1,13 @@
-"""`FFSDModel`: m common students, the leader, its trans-fusion head, the fusion module and the decoders (reference §4,
-§7; contract in docs/architecture.md).
+"""`FFSDModel`: m common students, the leader, its trans-fusion head, the fusion module and the decoders
+(docs/method.md §4, §7; contract in docs/architecture.md).
 
 All networks live in one `params` / `batch_stats` tree with the top-level keys `student_0 … student_{m-1}`, `leader`,
 `trans_fusion`, `fusion`, `decoder_1 … decoder_{m-1}` and `decoder_leader`. `params['leader']` with
 `batch_stats['leader']` is a complete backbone (see `leader_variables`).
 
 One train-mode call runs every forward pass of a PyTorch iteration. Every cross-network input is detached, so one
-gradient of the summed objective over the whole tree gives each network exactly its own gradient (§7). The decoders are
-applied twice and share their parameters between the two calls: first in eval mode (running statistics from before
+gradient of the summed objective over the whole tree gives each network exactly its own gradient (§7.3). The decoders
+are applied twice and share their parameters between the two calls: first in eval mode (running statistics from before
 this step) to produce the stop-gradient self-distillation targets, then in train mode on the network's own detached
 last tap to produce the reconstructions that train them (which updates their running statistics).
 """

@@ -1,4 +1,4 @@
-"""CIFAR GoogLeNet (Inception v1 style), as coded in the reference (§3.4).
+"""CIFAR GoogLeNet (Inception v1 style), as in the official code (docs/method.md §3.4).
 
 Every conv has a bias (PyTorch default init) and is followed by BN + ReLU. Taps: b3 480@32, e4 832@16, b5 1024@8.
 """

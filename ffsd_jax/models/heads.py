@@ -1,4 +1,4 @@
-"""The fusion module, the leader's trans-fusion head and the self-distillation decoder (reference §4).
+"""The fusion module, the leader's trans-fusion head and the self-distillation decoder (docs/method.md §4).
 
 Decoder kernel layout: the units use `nn.ConvTranspose(..., transpose_kernel=True)`, whose kernel K has shape
 (3, 3, C_out, C_in) and satisfies K[kh, kw, o, i] = W_torch[i, o, kh, kw] for a PyTorch `ConvTranspose2d` weight

@@ -1,4 +1,4 @@
-"""PyTorch-faithful initialisers, the batch-norm factory and small shared layers (reference §3.6, §12.1, §12.4).
+"""PyTorch-faithful initialisers, the batch-norm factory and small shared layers (docs/method.md §3.6, §12).
 
 Every model family takes `conv` / `norm` module factories the Flax-imagenet way and binds the initialisers below, so
 that a freshly initialised network has the same parameter distributions as the PyTorch reference:
@@ -28,7 +28,7 @@ Initializer = Callable[..., jax.Array]
 
 # Flax momentum = 1 − PyTorch momentum (PyTorch default 0.1).
 BN_MOMENTUM = 0.9
-# WRN's final `bn1` is built with PyTorch momentum 0.9 in the reference (§3.2), i.e. Flax momentum 0.1.
+# WRN's final `bn1` has PyTorch momentum 0.9 in the official code (docs/method.md §3.2), i.e. Flax momentum 0.1.
 WRN_FINAL_BN_MOMENTUM = 0.1
 BN_EPSILON = 1e-5
 

@@ -1,4 +1,4 @@
-"""CIFAR ResNet-20/32/56/110 with BasicBlocks and option-B shortcuts (reference §3.1).
+"""CIFAR ResNet-20/32/56/110 with BasicBlocks and option-B shortcuts (docs/method.md §3.1).
 
 Taps are the outputs of the three stages (after each stage's last ReLU): 16@32, 32@16, 64@8 for the standard widths.
 """
@@ -80,5 +80,5 @@ ResNet8Tiny = functools.partial(CifarResNet, stage_sizes=(1, 1, 1), widths=(4, 8
 ResNet20 = functools.partial(CifarResNet, stage_sizes=(3, 3, 3), arch='resnet20')
 ResNet32 = functools.partial(CifarResNet, stage_sizes=(5, 5, 5), arch='resnet32')
 ResNet56 = functools.partial(CifarResNet, stage_sizes=(9, 9, 9), arch='resnet56')
-# Not in the released reference code (§13 #9); the standard definition, BasicBlock [18, 18, 18].
+# Not in the official code (docs/method.md §13.9); the standard definition, BasicBlock [18, 18, 18].
 ResNet110 = functools.partial(CifarResNet, stage_sizes=(18, 18, 18), arch='resnet110')

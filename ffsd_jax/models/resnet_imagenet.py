@@ -1,4 +1,4 @@
-"""ImageNet ResNet-18/34 in the torchvision layout (reference §3.5), plus a tiny variant for tests.
+"""ImageNet ResNet-18/34 in the torchvision layout (docs/method.md §3.5), plus a tiny variant for tests.
 
 Stem conv7x7/2 (no bias) → BN → ReLU → maxpool 3/2; four BasicBlock stages (strides 1, 2, 2, 2) with option-B
 shortcuts; global average pool; fc. Taps: the four stage outputs (64@56, 128@28, 256@14, 512@7 at 224x224).

@@ -1,4 +1,4 @@
-"""Pre-activation Wide ResNet WRN-16-2 / WRN-40-2 for CIFAR, as coded in the reference (§3.2).
+"""Pre-activation Wide ResNet WRN-16-2 / WRN-40-2 for CIFAR, as in the official code (docs/method.md §3.2).
 
 Faithful details: every conv has a bias (PyTorch default init); the stride sits on the block's second conv; the
 projection shortcut is a 1x1 conv with bias and no BN; the final BN has PyTorch momentum 0.9 (Flax 0.1). Dropout is 0 in
