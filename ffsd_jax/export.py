@@ -1,11 +1,13 @@
 """Exporting the leader alone (the deployed network, reference §10) and loading it back in one call.
 
 An export folder holds `leader.msgpack` (the leader backbone's `params` and `batch_stats`, no trans-fusion head,
-serialised with `flax.serialization`) and `leader.json` (architecture name, number of classes, image size,
-normalisation, compute dtype, the step and the checkpoint it came from, and the size and sha256 of
-`leader.msgpack`).
+serialised with `flax.serialization`), `leader.jax_export` (the same network as a serialized `jax.export` function,
+weights included: uint8 NHWC images with a symbolic batch size -> float32 logits, normalisation inside, lowered for
+CPU, CUDA and TPU; `ffsd_jax/portable.py` loads it with jax and numpy alone) and `leader.json` (architecture name,
+number of classes, image size, normalisation, compute dtype, the step and the checkpoint it came from, the size and
+sha256 of every other file, and the portable function's signature).
 
-Both files are written to temporary names in the export folder, fsynced, and renamed into place, `leader.json` last:
+All files are written to temporary names in the export folder, fsynced, and renamed into place, `leader.json` last:
 a failure while writing (an exception, a full disk) leaves the previous export as it was, and other files in the
 folder are never touched. `load_leader` checks `leader.msgpack` against the sha256 in `leader.json`, so a corrupt
 file, or the two renames split by a crash, fails loudly instead of giving wrong logits.
@@ -30,6 +32,11 @@ from ffsd_jax.data.normalization import normalize_images
 
 PARAMS_FILE = 'leader.msgpack'
 METADATA_FILE = 'leader.json'
+# The portable leader; its name and format are also spelled out in ffsd_jax/portable.py, which must not import this.
+PORTABLE_FILE = 'leader.jax_export'
+# Lowering needs no device of these kinds (checked on a CPU-only machine with jax 0.10.2); a platform missing here
+# makes `Exported.call` fail there, so list every one the deployed leader may meet.
+PORTABLE_PLATFORMS = ('cpu', 'cuda', 'tpu')
 _TMP_SUFFIX = '.tmp'
 
 
@@ -44,11 +51,21 @@ def _write_synced(path: str, data: bytes) -> None:
     os.fsync(f.fileno())
 
 
-def _write_export(export_dir: str, params: bytes, metadata: dict[str, Any]) -> None:
-  """Writes both files to temporary names, then renames them into place (`leader.json`, the commit, last)."""
+def _write_export(export_dir: str, params: bytes, metadata: dict[str, Any],
+                  extra_files: dict[str, bytes] | None = None) -> None:
+  """Writes all files to temporary names, then renames them into place (`leader.json`, the commit, last).
+
+  `extra_files` (name -> bytes) are written after `leader.msgpack`; `leader.json` records their size and sha256
+  under `files`.
+  """
   os.makedirs(export_dir, exist_ok=True)
+  extra_files = extra_files or {}
   metadata = {**metadata, 'params_sha256': hashlib.sha256(params).hexdigest(), 'params_bytes': len(params)}
+  if extra_files:
+    metadata['files'] = {name: {'sha256': hashlib.sha256(data).hexdigest(), 'bytes': len(data)}
+                         for name, data in extra_files.items()}
   targets = [(os.path.join(export_dir, PARAMS_FILE), params),
+             *((os.path.join(export_dir, name), data) for name, data in extra_files.items()),
              (os.path.join(export_dir, METADATA_FILE), json.dumps(metadata, indent=2).encode())]
   temporaries = [f'{path}{_TMP_SUFFIX}{os.getpid()}' for path, _ in targets]
   try:
@@ -93,9 +110,62 @@ def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: s
       'checkpoint': path,
   }
   if jax.process_index() == 0:
-    _write_export(export_dir, flax.serialization.msgpack_serialize(leader), metadata)
+    portable, metadata['portable'] = portable_leader(leader, metadata)
+    _write_export(export_dir, flax.serialization.msgpack_serialize(leader), metadata, {PORTABLE_FILE: portable})
     logging.info('Exported the leader (%s, step %d) to %s.', config.model, step, export_dir)
   return export_dir
+
+
+def _leader_apply(metadata: dict[str, Any]) -> Callable[[Any, jax.Array], jax.Array]:
+  """`apply(variables, uint8 NHWC images) -> float32 logits` of the backbone described by export metadata."""
+  dtype = jnp.dtype(metadata['compute_dtype'])
+  backbone = models.create_backbone(metadata['model'], metadata['num_classes'], dtype)
+  mean_std = tuple(tuple(v) for v in metadata['mean_std'])
+
+  def apply(variables, images):
+    logits, _ = backbone.apply(variables, normalize_images(images, mean_std, dtype), train=False)
+    return logits.astype(jnp.float32)
+
+  return apply
+
+
+def portable_leader(variables: Any, metadata: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+  """Serializes the leader as a `jax.export` function with its weights inside, for `PORTABLE_PLATFORMS`.
+
+  The function maps uint8 images of shape (b, H, W, 3), b symbolic (any batch size, one compilation per size), to
+  float32 logits (b, K), normalising inside. Loading it needs jax and numpy only (`ffsd_jax/portable.py`, or
+  `jax.export.deserialize(bytearray(blob)).call(images)`), with a jax at least as new as the exporter's.
+
+  Args:
+    variables: the backbone's `{'params', 'batch_stats'}` as host arrays.
+    metadata: the export metadata (`model`, `num_classes`, `image_size`, `mean_std`, `compute_dtype`).
+
+  Returns:
+    (serialized bytes, the signature recorded under `portable` in leader.json).
+  """
+  apply = _leader_apply(metadata)
+  size = metadata['image_size']
+  # Closing over the variables makes them constants of the program: one self-contained file.
+  leader = jax.jit(lambda images: apply(variables, images))
+  images = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f'b, {size}, {size}, 3'), jnp.uint8)
+  # Debug locations name only the innermost frame (in ffsd_jax or flax), not the caller's stack: the same checkpoint
+  # then exports to the same bytes from any call site.
+  full_tracebacks = jax.config.jax_include_full_tracebacks_in_locations
+  jax.config.update('jax_include_full_tracebacks_in_locations', False)
+  try:
+    exported = jax.export.export(leader, platforms=PORTABLE_PLATFORMS)(images)
+  finally:
+    jax.config.update('jax_include_full_tracebacks_in_locations', full_tracebacks)
+  signature = {
+      'file': PORTABLE_FILE,
+      'format': 'jax.export (serialized StableHLO; load with jax.export.deserialize)',
+      'platforms': list(exported.platforms),
+      'input': {'dtype': 'uint8', 'shape': ['b', size, size, 3]},
+      'output': {'dtype': 'float32', 'shape': ['b', int(metadata['num_classes'])]},
+      'calling_convention_version': int(exported.calling_convention_version),
+      'jax_version': jax.__version__,
+  }
+  return bytes(exported.serialize()), signature
 
 
 def _read_export(export_dir: str) -> tuple[dict[str, Any], Any]:
@@ -139,16 +209,10 @@ def load_leader(export_dir: str) -> Callable[[Any], jax.Array]:
     ExportError: `leader.msgpack` does not match the sha256 in `leader.json` (the error names the file).
   """
   metadata, variables = _read_export(export_dir)
-  dtype = jnp.dtype(metadata['compute_dtype'])
-  backbone = models.create_backbone(metadata['model'], metadata['num_classes'], dtype)
-  mean_std = tuple(tuple(v) for v in metadata['mean_std'])
   size = metadata['image_size']
   variables = jax.device_put(variables)
-
-  @jax.jit
-  def predict(variables, images):  # Variables as an argument, not baked into the program as constants.
-    logits, _ = backbone.apply(variables, normalize_images(images, mean_std, dtype), train=False)
-    return logits.astype(jnp.float32)
+  # Variables as an argument, not baked into the program as constants.
+  predict = jax.jit(_leader_apply(metadata))
 
   def leader_logits(images) -> jax.Array:
     images = jnp.asarray(images)

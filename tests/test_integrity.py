@@ -182,7 +182,7 @@ def exported(trained, tmp_path_factory) -> pathlib.Path:
 
 
 def test_export_records_the_sha256_of_its_params(exported):
-  assert sorted(os.listdir(exported)) == [export.METADATA_FILE, export.PARAMS_FILE]
+  assert sorted(os.listdir(exported)) == sorted([export.METADATA_FILE, export.PARAMS_FILE, export.PORTABLE_FILE])
   metadata = json.loads((exported / export.METADATA_FILE).read_text())
   params = (exported / export.PARAMS_FILE).read_bytes()
   assert metadata['params_sha256'] == hashlib.sha256(params).hexdigest()
@@ -229,26 +229,27 @@ def test_failed_export_leaves_the_previous_export_whole(trained, exported, tmp_p
       export.export_leader(tiny_config(), str(trained), str(target), checkpoint='latest')
   assert _tree_hashes(target) == before
 
-  # A full disk while writing leader.json, after leader.msgpack's new bytes were written in full.
+  # A full disk while writing leader.json, after the new bytes of every other file were written in full.
   write_synced = export._write_synced  # pylint: disable=protected-access
   calls = []
 
-  def disk_full_on_second_file(path, data):
+  def disk_full_on_leader_json(path, data):
     calls.append(path)
-    if len(calls) == 2:
+    if os.path.basename(path).startswith(export.METADATA_FILE):
       write_synced(path, data[:len(data) // 2])
       raise OSError(errno.ENOSPC, 'No space left on device', path)
     write_synced(path, data)
 
   with monkeypatch.context() as patch:
-    patch.setattr(export, '_write_synced', disk_full_on_second_file)
+    patch.setattr(export, '_write_synced', disk_full_on_leader_json)
     with pytest.raises(OSError, match='No space left'):
       export.export_leader(tiny_config(), str(trained), str(target), checkpoint='latest')
-  assert [os.path.basename(p).split('.tmp')[0] for p in calls] == [export.PARAMS_FILE, export.METADATA_FILE]
+  assert [os.path.basename(p).split('.tmp')[0] for p in calls] == [export.PARAMS_FILE, export.PORTABLE_FILE,
+                                                                    export.METADATA_FILE]
   assert _tree_hashes(target) == before
   export.load_leader(str(target))
 
-  # Then a complete export replaces both files, and only them.
+  # Then a complete export replaces the export's files, and only them.
   export.export_leader(tiny_config(), str(trained), str(target), checkpoint='latest')
   after = _tree_hashes(target)
   assert sorted(after) == sorted(before) and after['README.txt'] == before['README.txt']
