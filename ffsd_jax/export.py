@@ -1,4 +1,4 @@
-"""Exporting the leader alone (the deployed network, reference §10) and loading it back in one call.
+"""Exporting the leader alone (the deployed network, docs/method.md §10) and loading it back in one call.
 
 An export folder holds `leader.msgpack` (the leader backbone's `params` and `batch_stats`, no trans-fusion head,
 serialised with `flax.serialization`), `leader.jax_export` (the same network as a serialized `jax.export` function,
