@@ -32,10 +32,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Drops Orbax's INFO chatter (several lines per save/restore); its warnings and errors still show."""
+  """Drops Orbax's INFO chatter (several lines per save/restore) and the 3 warnings every read-only checkpoint
+  manager emits (eval and export open theirs read-only on purpose); its other warnings and errors still show."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+    if 'orbax' not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    message = record.getMessage()
+    return 'read_only=True' not in message and 'directory is read only' not in message
 
 
 def main(argv):

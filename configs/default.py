@@ -1,7 +1,7 @@
 """Defaults shared by every experiment config: the FFSD method on CIFAR-100 with ResNet-32.
 
-The values are the official code's defaults (reference §6, §8, §9). Experiment configs import `get_config` from here
-and override only what differs.
+The values are the official code's defaults (docs/method.md §6, §8, §9). Experiment configs import `get_config`
+from here and override only what differs.
 
 Run:
   python main.py --config configs/default.py --workdir /tmp/ffsd_default
@@ -17,13 +17,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Optional values are typed placeholders (None by default) so that `--config.KEY=VALUE` can set them.
   config.seed = 0
 
-  # Networks (reference §1, §3).
+  # Networks (docs/method.md §1, §3).
   config.model = 'resnet32'
   config.num_students = 2
   config.method = 'ffsd'  # 'ffsd' | 'dml' | 'independent'
   config.compute_dtype = 'float32'  # 'float32' | 'bfloat16'; parameters and loss math stay float32.
 
-  # Data (reference §9). `dataset` is 'cifar100', 'cifar10', 'imagenet2012', 'image_folder' or 'synthetic'.
+  # Data (docs/method.md §9). `dataset` is 'cifar100', 'cifar10', 'imagenet2012', 'image_folder' or 'synthetic'.
   config.dataset = 'cifar100'
   # TFDS data_dir (prepared with scripts/prepare_data.py); None = TFDS default.
   config.data_dir = config_dict.placeholder(str)
@@ -44,11 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_resize_size = config_dict.placeholder(int)
   config.skip_bad_images = False  # Image folders: leave unreadable files out (logged) instead of failing at start-up.
 
-  # Optimisation (reference §8).
+  # Optimisation (docs/method.md §8).
   config.batch_size = 128  # Global batch over all devices and hosts.
   config.eval_batch_size = 128
   config.num_epochs = 299  # The reference's range(1, 300) trains 299 epochs.
-  config.lr_schedule = 'cifar'  # 'cifar': ×0.1 at `lr_boundaries`; 'imagenet': the per-iteration rule of §8.
+  config.lr_schedule = 'cifar'  # 'cifar': ×0.1 at `lr_boundaries`; 'imagenet': per iteration (docs/method.md §8.3).
   config.learning_rate = 0.1
   config.lr_boundaries = (150, 225)  # Epochs (1-based) after which the lr is multiplied by `lr_decay`.
   config.lr_decay = 0.1
@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.decoder_learning_rate = 1e-3  # Adam for the self-distillation decoders.
   config.decoder_weight_decay = 1e-4
 
-  # FFSD objective (reference §6).
+  # FFSD objective (docs/method.md §6).
   config.temperature = 2.0
   config.lambda_diversity = 1e-5
   config.lambda_fusion = 10.0
@@ -77,4 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.distributed = False  # Call jax.distributed.initialize() (also when the launcher's environment asks).
   # On CPU, compile the steps with XLA's YNNPACK library fusions (about 1.7x faster here; docs/benchmarks.md).
   config.cpu_library_fusions = True
+  # Persistent XLA compilation cache (a restart or resume skips the compiles): None = $XDG_CACHE_HOME/ffsd_jax/jax
+  # (~/.cache/ffsd_jax/jax) unless JAX_COMPILATION_CACHE_DIR names one; '' = no cache; or a folder.
+  config.jax_cache_dir = config_dict.placeholder(str)
   return config

@@ -48,6 +48,7 @@ FREE_KEYS = frozenset({
     'eval_batch_size',  # Eval-mode networks see each example independently of the batch it is in.
     'eval_top5',  # Read with config.get: adds top-5 metrics only.
     'skip_bad_images',  # Turning it on is how a run that stopped on a corrupt image continues.
+    'jax_cache_dir',  # Where compiled executables are cached; they do not change what is computed.
 })
 # Keys that change the optimisation (or what the best checkpoint is measured on): a resume with other values would
 # silently be another run, so it needs --config.allow_config_change=True. Unclassified keys are treated like these.

@@ -1,7 +1,8 @@
 """Metric writers: TensorBoard event files (tensorboardX) and `metrics.jsonl`, written by process 0 only.
 
 `clu.metric_writers` imports TensorFlow at import time, so the TensorBoard files are written with tensorboardX.
-`metrics.jsonl` holds one JSON object per line: {"step": ..., "epoch": ..., "<name>": value, ...}.
+`metrics.jsonl` holds one JSON object per line: {"step": ..., "epoch": ..., "time": unix seconds, "<name>": value, ...}.
+The config goes to TensorBoard as text and as hparams (the HPARAMS tab), at every start and resume.
 
 A resumed run reads as one run: the records and TensorBoard points logged after the checkpoint it resumes from (by a
 run stopped before its next checkpoint) are dropped, and a last line torn by a kill or a full disk is cut away with
@@ -13,12 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 from absl import logging
 import jax
 
 METRICS_FILE = 'metrics.jsonl'
+# Record keys that measure the machine, not the run: they differ between a resumed run and one that never stopped.
+TIMING_KEYS = frozenset({'time', 'steps_per_sec', 'images_per_sec', 'mfu'})
 
 
 def _parse_records(path: str) -> tuple[list[dict[str, Any]], int | None]:
@@ -97,17 +101,34 @@ class MetricWriter:
         os.path.join(workdir, 'tensorboard'), purge_step=None if resume_step is None else resume_step + 1)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], *, epoch: float | None = None) -> None:
-    """Writes one record (floats; non-finite values as null in JSON)."""
+    """Writes one record (floats; non-finite values as null in JSON) stamped with the wall-clock time."""
     if not self._active:
       return
     record: dict[str, Any] = {'step': int(step)}
     if epoch is not None:
       record['epoch'] = float(epoch)
+    record['time'] = time.time()  # TensorBoard events carry their own wall time.
     for name, value in scalars.items():
       value = float(value)
       record[name] = value if math.isfinite(value) else None
       self._tensorboard.add_scalar(name, value, int(step))
     self._jsonl.write(json.dumps(record) + '\n')
+
+  def write_config(self, step: int, config: Mapping[str, Any], metric_names: tuple[str, ...]) -> None:
+    """Writes the config as TensorBoard text (a JSON block) and as hparams with `metric_names` as its metrics."""
+    if not self._active:
+      return
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    text = json.dumps(dict(config), indent=2, sort_keys=True)
+    # Markdown: indented by 4 spaces, the JSON shows as a code block.
+    self._tensorboard.add_text('config', '\n'.join('    ' + line for line in text.splitlines()), int(step))
+    # hparams take numbers, strings and booleans: tuples are written as their JSON text, None left out.
+    hparams = {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else v for k, v in config.items()}
+    experiment, session_start, _ = summary.hparams(hparams, {name: 0.0 for name in metric_names})
+    # Into this run's own event file (SummaryWriter.add_hparams would open a new sub-run at every call).
+    file_writer = self._tensorboard._get_file_writer()  # pylint: disable=protected-access
+    file_writer.add_summary(experiment, int(step))
+    file_writer.add_summary(session_start, int(step))
 
   def flush(self) -> None:
     """Hands the buffered records to the operating system (cheap; at every logging step)."""

@@ -7,6 +7,9 @@ the host only every `config.log_every_steps` steps, so the loop never waits on t
 Exact resume: a checkpoint holds the train state, every process's data-iterator state and the loop state (the
 metric sums of the unfinished logging window and the best leader top-1), so a run stopped at step k (SIGTERM) and
 resumed continues with the same batches, the same parameters and the same logged metrics as one that never stopped.
+
+Every start and resume writes the run record (`ffsd_jax/run_record.py`: config.json, run_info.json, parameters.txt)
+and logs one line per logging interval; a workdir whose run already finished is left untouched.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from ffsd_jax import checkpointing
 from ffsd_jax import config_checks
 from ffsd_jax import data as data_lib
 from ffsd_jax import metric_writers
+from ffsd_jax import run_record
 from ffsd_jax import sharding
 from ffsd_jax import state_guard
 from ffsd_jax import train_state as train_state_lib
@@ -104,11 +107,36 @@ def _to_host(tree: Any) -> Any:
                       tree)
 
 
-def _format_eta(seconds: float) -> str:
-  if not math.isfinite(seconds):
+def _format_eta(seconds: float | None) -> str:
+  if seconds is None or not math.isfinite(seconds):
     return '?'
   seconds = int(seconds)
   return f'{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def _format_speed(speed: dict[str, float]) -> str:
+  if 'steps_per_sec' not in speed:
+    return '? steps/s'  # Only the compiling first step so far.
+  text = f'{speed["steps_per_sec"]:.2f} steps/s, {speed["images_per_sec"]:.1f} images/s'
+  return text + (f', MFU {100 * speed["mfu"]:.1f}%' if 'mfu' in speed else '')
+
+
+def _finished_summary(workdir: str, step: int) -> dict[str, Any] | None:
+  """The summary of a run that finished at `step`, read from its summary.json (None if missing or of a stop)."""
+  try:
+    with open(os.path.join(workdir, SUMMARY_FILE)) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(summary, dict) or summary.get('step') != step or summary.get('preempted'):
+    return None
+  return summary
+
+
+def _log_already_finished(workdir: str, step: int) -> None:
+  if _is_leader_process():
+    logging.info('Already finished at step %d in %s; nothing to do (raise --config.num_epochs or --config.max_steps '
+                 'to train further).', step, workdir)
 
 
 def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -142,27 +170,30 @@ def _setup(config: ml_collections.ConfigDict):
 _add_sums = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
 
-def _eval_loop(eval_fn: Callable[..., Any], variables: Any, config: ml_collections.ConfigDict, info: Any,
-               mesh: jax.sharding.Mesh, desc: str) -> dict[str, float]:
-  """Runs `eval_fn(variables, batch) -> sums` over the whole eval split; returns the host sums."""
+def _eval_loop(eval_fn: Callable[..., Any], variables: Any, config: ml_collections.ConfigDict,
+               mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Runs `eval_fn(variables, batch) -> sums` over the whole eval split; returns the host sums.
+
+  No progress bar: it would interleave with the log lines; the eval's result line gives its duration.
+  """
   sums = None
-  num_batches = math.ceil(info.num_eval_examples / config.eval_batch_size)
   batches = data_lib.create_eval_batches(config, global_batch_size=config.eval_batch_size,
                                         process_index=jax.process_index(), process_count=jax.process_count())
-  for local_batch in tqdm(batches, total=num_batches, desc=desc, leave=False, disable=None if
-                          _is_leader_process() else True):
+  for local_batch in batches:
     out = eval_fn(variables, sharding.make_global_batch(local_batch, mesh))
     sums = out if sums is None else _add_sums(sums, out)
   return {k: float(v) for k, v in _to_host(sums).items()}
 
 
 def _eval_results(sums: dict[str, float], with_top5: bool) -> dict[str, float]:
-  """Top-1 (and top-5) in percent for every network in the eval step's sums."""
+  """Top-1 (and top-5) in percent and the mean cross-entropy for every network in the eval step's sums."""
   count = sums['count']
   results = {}
   for name, value in sums.items():
     if name.startswith('correct/'):
       results[f'eval/top1/{name[len("correct/"):]}'] = 100.0 * value / count
+    elif name.startswith('cross_entropy/'):
+      results[f'eval/loss/{name[len("cross_entropy/"):]}'] = value / count
     elif name.startswith('correct_top5/') and with_top5:
       results[f'eval/top5/{name[len("correct_top5/"):]}'] = 100.0 * value / count
   return results
@@ -201,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     (percent).
   """
   config_checks.validate_config(config)  # Also for callers that do not come through main.py.
+  run_record.setup_compilation_cache(config.get('jax_cache_dir'))  # Before anything compiles.
   _mesh(config)  # Fails on bad batch sizes before the workdir is touched.
   with _writer_lock(workdir):
     return _train_and_evaluate(config, workdir)
@@ -247,6 +279,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       config, global_batch_size=config.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed)
   latest = manager.latest_step()
+  if latest is not None and latest >= total_steps:
+    finished = _finished_summary(workdir, latest)
+    if finished is not None:  # Nothing to do: no restore, no compile, nothing written.
+      manager.close()
+      best_manager.close()
+      _log_already_finished(workdir, latest)
+      return finished
   if latest is not None:
     # Changes to the optimisation are refused (unless allowed) before anything is restored or written.
     checkpointing.check_architecture(manager, latest, config)
@@ -267,13 +306,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state = sharding.init_replicated(init_fn, mesh)
     loop_state = {}
   step = int(_to_host(state.step))
+  if step >= total_steps:
+    _log_already_finished(workdir, step)  # Its summary.json is missing or stale: rewritten below.
 
+  cache_dir = jax.config.jax_compilation_cache_dir or None
   if _is_leader_process():
-    from clu import parameter_overview  # pylint: disable=g-import-not-at-top
-    logging.info('Parameters (%s, method %s, %d students):\n%s', config.model, config.method, config.num_students,
-                 parameter_overview.get_parameter_overview(abstract_state.params, include_stats=False))
-    logging.info('%d devices (%d processes), global batch %d, %d steps per epoch, %d steps in all.',
-                 jax.device_count(), jax.process_count(), config.batch_size, steps_per_epoch, total_steps)
+    # The run record: what ran, with which code and config, where (one run_info entry per start or resume).
+    run_record.write_config(workdir, config)
+    run_record.append_run_info(workdir, run_record.run_info_entry(
+        start_step=step, total_steps=total_steps, compilation_cache_dir=cache_dir))
+    title = f'Parameters ({config.model}, method {config.method}, {config.num_students} students)'
+    table_path = run_record.write_parameter_table(workdir, abstract_state.params, title)
+    logging.info('%s, full table in %s:\n%s', title, table_path,
+                 '\n'.join(run_record.network_parameter_lines(abstract_state.params)))
+    logging.info('%d %s devices (%d processes), global batch %d, %d steps per epoch, %d steps in all%s.',
+                 jax.device_count(), jax.devices()[0].platform, jax.process_count(), config.batch_size,
+                 steps_per_epoch, total_steps, f'; compilation cache {cache_dir}' if cache_dir else '')
 
   # The jitted step: train_step plus the on-device sum of its metrics over the logging window.
   train_step = train_step_lib.make_train_step(model, config, steps_per_epoch, info.mean_std)
@@ -300,12 +348,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     return jax.device_put({k: np.float32(values.get(k, 0.0)) for k in metric_shapes}, replicated)
 
   metric_sums = metric_sums_from(loop_state.get('metric_sums'))
+  # Model FLOP utilisation: FLOPs of the compiled (partitioned, so per-device) step against the device's peak.
+  peak_flops = run_record.peak_flops_per_sec(jax.devices()[0], config.compute_dtype)
+  step_flops = None
+  if step < total_steps:
+    # Compiled here rather than at the first call (which reuses this executable), for XLA's cost analysis.
+    compiled_step = jitted_step.lower(
+        state, metric_sums, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharded)
+                             for k, v in abstract_batch.items()}).compile()
+    step_flops = run_record.compiled_flops(compiled_step)
+    if _is_leader_process() and step_flops is not None:
+      run_record.update_last_run_info(workdir, {'step_flops_per_device': step_flops})
   window_steps = int(loop_state.get('window_steps', 0))
   best_leader_top1 = loop_state.get('best_leader_top1', -1.0)
   last_eval: dict[str, float] = loop_state.get('last_eval', {})
 
   # Records after `step` come from a run stopped before its next checkpoint (or from one that never saved): dropped.
   writer = metric_writers.MetricWriter(workdir, resume_step=step)
+  tracked = deployed_network(config)  # The best checkpoint follows this network's eval top-1.
+  writer.write_config(step, checkpointing.config_to_json(config),
+                      metric_names=(f'eval/top1/{tracked}', f'eval/best_top1/{tracked}', 'loss/total'))
   stop_request = _StopRequest()
   check_finite = train_step_lib.check_finite
 
@@ -326,11 +388,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                        iterator_states=checkpointing.gather_iterator_states(train_iter.get_state()),
                        loop_state=loop, config=config)
 
-  epoch_bar = tqdm(total=num_epochs, initial=step // steps_per_epoch, desc='epochs', unit='epoch',
-                   disable=None if _is_leader_process() else True)
   window_start_time, window_start_step = time.time(), step
+  # The ETA is measured from the end of the first step (after compilation), evaluations and saves included.
+  timed_start_time, timed_start_step = time.time(), step
   first_step = step
-  tracked = deployed_network(config)  # The best checkpoint follows this network's eval top-1.
   preempted = agreed_preemption = False
   try:
     while step < total_steps:
@@ -344,20 +405,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         # Steps/s and the ETA leave out the first step's compilation (the only extra device sync of the run).
         jax.block_until_ready(metric_sums)
         window_start_time, window_start_step = time.time(), step
+        timed_start_time, timed_start_step = window_start_time, step
 
       if step % config.log_every_steps == 0 or step == total_steps:
         averages = {k: v / window_steps for k, v in fetch_window().items()}
         check_finite(averages)  # Stops the run naming the non-finite term, before any checkpoint of it.
         now = time.time()
-        steps_per_sec = (step - window_start_step) / max(now - window_start_time, 1e-9)
+        speed = {}  # Left out when the window holds no timed step (only the compiling first step).
+        if step > window_start_step:
+          speed['steps_per_sec'] = (step - window_start_step) / max(now - window_start_time, 1e-9)
+          speed['images_per_sec'] = speed['steps_per_sec'] * config.batch_size
+          if peak_flops and step_flops:
+            speed['mfu'] = step_flops * speed['steps_per_sec'] / peak_flops
         window_start_time, window_start_step = now, step
-        writer.write_scalars(step, {**averages, 'steps_per_sec': steps_per_sec}, epoch=epoch)
+        writer.write_scalars(step, {**averages, **speed}, epoch=epoch)
         writer.flush()
         if _is_leader_process():
-          logging.info('epoch %d/%d step %d/%d | loss %.4f | %.2f steps/s, %.1f images/s | ETA %s',
-                       math.ceil(epoch), num_epochs, step, total_steps, averages.get('loss/total', float('nan')),
-                       steps_per_sec, steps_per_sec * config.batch_size,
-                       _format_eta((total_steps - step) / max(steps_per_sec, 1e-9)))
+          eta = ((total_steps - step) * (now - timed_start_time) / (step - timed_start_step)
+                 if step > timed_start_step else None)
+          logging.info('epoch %d/%d step %d/%d | loss %.4f | %s | ETA %s', math.ceil(epoch), num_epochs, step,
+                       total_steps, averages.get('loss/total', float('nan')), _format_speed(speed),
+                       _format_eta(eta))
         metric_sums = metric_sums_from(None)
         window_steps = 0
         if jax.process_count() > 1:
@@ -368,7 +436,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       io_start = time.time()
       epoch_end = step % steps_per_epoch == 0
       if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total_steps:
-        sums = _eval_loop(eval_step, state, config, info, mesh, desc=f'eval epoch {math.ceil(epoch)}')
+        sums = _eval_loop(eval_step, state, config, mesh)
+        eval_seconds = time.time() - io_start
         last_eval = _eval_results(sums, with_top5)
         leader_top1 = last_eval[f'eval/top1/{tracked}']
         improved = leader_top1 > best_leader_top1
@@ -376,13 +445,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         writer.write_scalars(step, {**last_eval, f'eval/best_top1/{tracked}': best_leader_top1}, epoch=epoch)
         writer.flush()
         if _is_leader_process():
-          logging.info('eval after epoch %.2f (step %d): %s | %s best %.2f', epoch, step,
-                       ', '.join(f'{k[len("eval/"):]} {v:.2f}' for k, v in sorted(last_eval.items())), tracked,
-                       best_leader_top1)
+          logging.info('eval after epoch %.2f (step %d, %.1f s): %s | %s loss %.4f, best top1 %.2f', epoch, step,
+                       eval_seconds, ', '.join(f'{k[len("eval/"):]} {v:.2f}' for k, v in sorted(last_eval.items())
+                                               if k.startswith('eval/top')),
+                       tracked, last_eval.get(f'eval/loss/{tracked}', float('nan')), best_leader_top1)
         if improved:
           save(best_manager, step)
-      if epoch_end:
-        epoch_bar.update(1)
 
       preempted = stop_request.requested if jax.process_count() == 1 else agreed_preemption
       if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
@@ -394,7 +462,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                         step, 'Ctrl-C' if stop_request.signal_name == 'SIGINT' else 'SIGTERM')
         break
   finally:
-    epoch_bar.close()
     stop_request.close()
     manager.wait_until_finished()
     best_manager.wait_until_finished()
@@ -407,8 +474,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
              'network': tracked, 'best_leader_top1': best_leader_top1,
              'last_leader_top1': last_eval.get(f'eval/top1/{tracked}'),
              'last_eval': last_eval, 'skipped_bad_images': len(info.skipped_files)}
-  if _is_leader_process() and not preempted:
+  if _is_leader_process():
+    # Also when preempted (with preempted: true), so a stopped run's workdir says where it stands.
     write_json_atomically(os.path.join(workdir, SUMMARY_FILE), summary)
+    if not preempted:
+      logging.info('Finished at step %d: %s top-1 best %.2f, last %.2f (%s).', step, tracked, best_leader_top1,
+                   summary['last_leader_top1'] if summary['last_leader_top1'] is not None else float('nan'),
+                   os.path.join(workdir, SUMMARY_FILE))
   return summary
 
 
@@ -421,6 +493,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, check
   if checkpoint not in ('best', 'latest'):
     raise ValueError(f'Unknown checkpoint {checkpoint!r}; valid choices: best, latest.')
   config_checks.validate_config(config)
+  run_record.setup_compilation_cache(config.get('jax_cache_dir'))  # Before anything compiles (eval and export).
   mesh, info, _, _, _, abstract_state = _setup(config)
   manager = checkpointing.create_manager(workdir, best=checkpoint == 'best', read_only=True)
   step = manager.latest_step()
@@ -439,7 +512,8 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, check
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best') -> dict[str, Any]:
   """Evaluates the leader alone (the deployed network) from the best or latest checkpoint.
 
-  Writes `workdir/eval_leader.json` with top-1 and top-5 (percent), the step and the checkpoint path.
+  Writes `workdir/eval_leader.json` with top-1 and top-5 (percent), the mean cross-entropy, the step and the
+  checkpoint path.
   """
   state, step, path, mesh, info = restore_for_inference(config, workdir, checkpoint)
   replicated = sharding.replicated_sharding(mesh)
@@ -447,17 +521,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
                         in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated,
                         compiler_options=sharding.step_compiler_options(mesh, config))
   network = deployed_network(config)
-  sums = _eval_loop(leader_eval, deployed_variables(state, config), config, info, mesh, desc=f'eval {network}')
+  sums = _eval_loop(leader_eval, deployed_variables(state, config), config, mesh)
   count = sums['count']
   top1 = [v for k, v in sums.items() if k == 'correct' or k.startswith('correct/')]
   top5 = [v for k, v in sums.items() if k == 'correct_top5' or k.startswith('correct_top5/')]
+  loss = [v for k, v in sums.items() if k.startswith('cross_entropy/')]
   result = {'top1': 100.0 * top1[0] / count, 'top5': 100.0 * top5[0] / count if top5 else None,
-            'num_examples': int(count), 'step': int(step), 'checkpoint': path, 'model': config.model,
-            'network': network}
+            'loss': loss[0] / count, 'num_examples': int(count), 'step': int(step), 'checkpoint': path,
+            'model': config.model, 'network': network}
   if _is_leader_process():
     # Shown before writing: a read-only workdir must not lose the result.
-    logging.info('%s (%s) from %s: top-1 %.2f%%%s', network, config.model, path, result['top1'],
-                 f', top-5 {result["top5"]:.2f}%' if top5 else '')
+    logging.info('%s (%s) from %s: top-1 %.2f%%%s, loss %.4f', network, config.model, path, result['top1'],
+                 f', top-5 {result["top5"]:.2f}%' if top5 else '', result['loss'])
     try:
       write_json_atomically(os.path.join(workdir, EVAL_LEADER_FILE), result)
     except OSError as error:

@@ -1,12 +1,12 @@
-"""The functional training step and the evaluation steps (reference §7, §10).
+"""The functional training step and the evaluation steps (docs/method.md §7, §10).
 
 `make_train_step` returns a PURE, un-jitted `train_step(state, batch) -> (state, metrics)`; the training loop jits it
 with its shardings and buffer donation (`jit_train_step` is a single-device convenience). One train-mode call of
-`FFSDModel` runs every forward pass of a reference iteration, the objective puts `stop_gradient` where §6 writes
-sg(·), and one `jax.value_and_grad` over the whole parameter tree gives each group its own gradient, which
-`optax.multi_transform` hands to that group's optimizer (reference §7 explains why this equals the sequential
-updates). The λ warm-up factor is computed inside the step from `state.step`, so it needs no host value and no
-recompilation.
+`FFSDModel` runs every forward pass of an iteration of the official code, the objective puts `stop_gradient` where
+§7.2 lists it, and one `jax.value_and_grad` over the whole parameter tree gives each group its own gradient, which
+`optax.multi_transform` hands to that group's optimizer (§7.3 explains why this equals the official code's
+sequential updates). The λ warm-up factor is computed inside the step from `state.step`, so it needs no host value
+and no recompilation.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def network_logits(outputs: Mapping[str, Any]) -> dict[str, jax.Array]:
   """Every network's logits by metric name: student_i, leader, fusion and the logit-mean student ensemble.
 
   'ensemble' is the argmax of the mean of the students' logits (a real ensemble, not the reference's oracle
-  "any student correct" rate, reference §10, §13.13); it is present when there are at least 2 students.
+  "any student correct" rate, docs/method.md §10, §13.13); it is present when there are at least 2 students.
   """
   logits = {f'student_{i}': z for i, z in enumerate(outputs['student_logits'])}
   if outputs.get('leader_logits') is not None:
@@ -149,6 +149,8 @@ def _correct_sums(logits: Mapping[str, jax.Array], labels: jax.Array, mask: jax.
   for name, z in logits.items():
     sums[f'correct/{name}'] = jnp.sum((_top1_correct(z, labels) & mask).astype(jnp.int32))
     sums[f'correct_top5/{name}'] = jnp.sum((_topk_correct(z, labels, 5) & mask).astype(jnp.int32))
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(z.astype(jnp.float32), labels)
+    sums[f'cross_entropy/{name}'] = jnp.sum(jnp.where(mask, cross_entropy, 0.0))  # where: padding may be anything.
   return sums
 
 
@@ -163,8 +165,9 @@ def make_eval_step(model: Any, config: ml_collections.ConfigDict,
                    ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
   """Builds `eval_step(state, batch) -> sums` over the masked batch (int32).
 
-  Keys: 'count', and 'correct/<net>' / 'correct_top5/<net>' for every network present: student_i, leader, fusion
-  (on the students' eval-mode features) and ensemble (argmax of the mean of the students' logits).
+  Keys: 'count', and 'correct/<net>' / 'correct_top5/<net>' (int32) and 'cross_entropy/<net>' (float32 sum) for
+  every network present: student_i, leader, fusion (on the students' eval-mode features) and ensemble (the mean of
+  the students' logits).
   """
   dtype = _compute_dtype(config)
 
@@ -181,7 +184,7 @@ def make_leader_eval_step(config: ml_collections.ConfigDict, mean_std: tuple[tup
   """Builds `fn(leader_variables, batch) -> sums` that runs ONLY the leader backbone.
 
   `leader_variables` = {'params': params['leader'], 'batch_stats': batch_stats['leader']}. Keys: 'count',
-  'correct/leader', 'correct_top5/leader'.
+  'correct/leader', 'correct_top5/leader', 'cross_entropy/leader'.
   """
   backbone = create_backbone(config.model, config.num_classes, _compute_dtype(config))
   dtype = _compute_dtype(config)

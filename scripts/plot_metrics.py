@@ -1,92 +1,335 @@
-"""Draws one or several runs' metrics.jsonl to one PNG, to compare runs and methods at a glance.
+"""Draws runs' metrics as a few readable PNG figures, from a study root or workdirs grouped by method.
 
-  python scripts/plot_metrics.py runs/r32_ffsd runs/r32_dml runs/r32_independent --out compare.png
+  python scripts/plot_metrics.py runs/study --out runs/study/plots/r32          # a study root (scripts/study.py)
+  python scripts/plot_metrics.py ffsd=runs/r32_ffsd dml=runs/r32_dml --out r32   # label=workdir; repeat a label to
+                                                                                 # group several seeds
+  python scripts/plot_metrics.py runs/study --keys 'leader/*,eval/top1/fusion' --out r32   # chosen keys only
 
-Panels: eval top-1 per epoch of the leader, each student, the fusion classifier and the ensemble (one colour per run,
-one line style per network), then one panel per training loss term (averaged over each logging window).
+Figures (`--figures`, default all but `keys`; `--keys` alone draws only the keys figure), written to
+`<out>_<figure>.png`:
+- headline: test top-1 of the tracked network (the leader; student_0 for dml) per method over epochs: the mean over
+  seeds as a line, the min–max over seeds as a band; one panel per config.
+- networks: every network's test top-1 (mean over seeds), one panel per (config, method).
+- losses: one panel per loss term (ce, kl, loss, ...), one colour per network, one line style per (config, method).
+- schedules: the learning rates and the λ warm-up factor: lines computed from the config (WORKDIR/config.json, or
+  `--config FILE`) with the training code's own schedules, dots the values logged in metrics.jsonl.
+- keys: one panel per metrics.jsonl key matching `--keys` (comma-separated fnmatch patterns), mean and band per group.
+Each network has one colour in every figure; legends sit outside the axes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import fnmatch
 import os
 import sys
+from typing import Any, Sequence
 
 import matplotlib
 
 matplotlib.use('Agg')
+from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from ffsd_jax import studies  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FIGURES = ('headline', 'networks', 'losses', 'schedules')
+# Fixed colours, so a network looks the same in every figure; students cycle through the rest of tab20.
+NETWORK_COLOURS = {'leader': 'tab:red', 'fusion': 'tab:purple', 'ensemble': 'black', 'decoder_leader': 'tab:brown',
+                   'loss': 'dimgray'}
+_STUDENT_COLOURS = ('tab:blue', 'tab:orange', 'tab:green', 'tab:cyan', 'tab:olive', 'tab:pink', 'teal', 'navy')
+_DECODER_COLOURS = ('#aec7e8', '#ffbb78', '#98df8a', '#9edae5', '#dbdb8d', '#f7b6d2', 'lightsteelblue', 'khaki')
+METHOD_COLOURS = {'ffsd': 'tab:red', 'dml': 'tab:blue', 'independent': 'tab:gray'}
+_OTHER_COLOURS = ('tab:green', 'tab:orange', 'tab:purple', 'tab:brown', 'tab:olive', 'tab:cyan', 'tab:pink')
+_GROUP_STYLES = ('-', '--', ':', '-.')
+
+
+def network_colour(network: str) -> str:
+  """The colour of a network in every figure."""
+  if network in NETWORK_COLOURS:
+    return NETWORK_COLOURS[network]
+  kind, _, number = network.rpartition('_')
+  if number.isdigit() and kind in ('student', 'decoder'):
+    colours = _STUDENT_COLOURS if kind == 'student' else _DECODER_COLOURS
+    return colours[int(number) % len(colours)]
+  return 'tab:gray'
+
+
+def group_colour(label: str, index: int) -> str:
+  """The colour of a (config, method) group: fixed for the three methods, else by order of appearance."""
+  return METHOD_COLOURS.get(label.rpartition('/')[2]) or _OTHER_COLOURS[index % len(_OTHER_COLOURS)]
 
 
 def read_run(path: str) -> list[dict]:
   """The records of one run (a workdir or a metrics.jsonl file)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, 'metrics.jsonl')
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  from ffsd_jax import metric_writers  # pylint: disable=g-import-not-at-top
+  return metric_writers.read_metrics(path)
 
 
-def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-  points = [(r['epoch'], r[key]) for r in records if r.get(key) is not None and 'epoch' in r]
-  return [p[0] for p in points], [p[1] for p in points]
+def group_runs(runs: Sequence[studies.RunResult]) -> dict[str, list[studies.RunResult]]:
+  """{label: runs}: the label is the method, or `config/method` when the runs come from several configs."""
+  several_configs = len({r.config for r in runs}) > 1
+  groups: dict[str, list[studies.RunResult]] = {}
+  for run in runs:
+    groups.setdefault(f'{run.config}/{run.method}' if several_configs else run.method, []).append(run)
+  return groups
 
 
-def plot(runs: dict[str, list[dict]], out: str) -> str:
-  """Writes the figure for `runs` ({label: records}) to `out`; returns `out`."""
-  eval_keys = sorted({k for records in runs.values() for r in records for k in r if k.startswith('eval/top1/')})
-  loss_keys = sorted({k for records in runs.values() for r in records for k in r
-                      if not k.startswith(('eval/', 'accuracy/', 'learning_rate', 'grad_norm', 'steps_per_sec',
-                                           'lambda', 'nonfinite'))
-                      and k not in ('step', 'epoch') and ('loss' in k or '/' in k)})
-  num_panels = 1 + len(loss_keys)
-  cols = min(3, num_panels)
-  rows = math.ceil(num_panels / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
-  axes = axes.ravel()
-  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  styles = ['-', '--', ':', '-.']
-  ax = axes[0]
-  for i, (label, records) in enumerate(runs.items()):
-    for j, key in enumerate(eval_keys):
-      net = key[len('eval/top1/'):]
-      x, y = _series(records, key)
-      if x:
-        ax.plot(x, y, styles[j % len(styles)], marker='.', color=colours[i % len(colours)],
-                lw=2.0 if net == 'leader' else 1.0,
-                label=f'{label}: {net}')
-  ax.set(title='eval top-1 (%)', xlabel='epoch')
-  ax.grid(alpha=0.3)
-  if eval_keys:
-    ax.legend(fontsize='x-small')
-  for ax, key in zip(axes[1:], loss_keys):
-    for i, (label, records) in enumerate(runs.items()):
-      x, y = _series(records, key)
-      if x:
-        ax.plot(x, y, color=colours[i % len(colours)], label=label)
-    ax.set(title=key, xlabel='epoch')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize='x-small')
-  for ax in axes[num_panels:]:
+def _legend_outside(fig, handles: Sequence[Any], labels: Sequence[str]) -> None:
+  """One legend to the right of all panels (saved with bbox_inches='tight', so it never covers data)."""
+  if handles:
+    fig.legend(handles, labels, loc='upper left', bbox_to_anchor=(1.0, 0.98), fontsize='small', frameon=False)
+
+
+def _panels(count: int, cols: int = 3):
+  cols = max(1, min(cols, count))
+  rows = max(1, -(-count // cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+  for ax in axes.ravel()[count:]:
     ax.axis('off')
+  if not count:
+    fig.text(0.5, 0.5, 'nothing to draw yet (no such records)', ha='center')  # A run that has not logged yet.
+  return fig, axes.ravel()[:count]
+
+
+def _save(fig, out: str) -> str:
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  fig.savefig(out, dpi=100, bbox_inches='tight')
   plt.close(fig)
   return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def _draw_band(ax, band: studies.Band, colour: str, label: str, style: str = '-', fill: bool = True):
+  marker = '.' if len(band.x) <= 30 else None  # Dots only where there are few points (short runs).
+  (line,) = ax.plot(band.x, band.mean, style, color=colour, lw=1.6, label=label, marker=marker)
+  if fill and np.any(band.high > band.low):
+    ax.fill_between(band.x, band.low, band.high, color=colour, alpha=0.2, lw=0)
+  return line
+
+
+def headline_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, dict[str, studies.Band]]:
+  """Tracked-network test top-1 per method: mean line, min–max band over seeds; returns {config: {method: Band}}."""
+  by_config: dict[str, dict[str, list[studies.RunResult]]] = {}
+  for run in runs:
+    by_config.setdefault(run.config, {}).setdefault(run.method, []).append(run)
+  fig, axes = _panels(len(by_config), cols=2)
+  plotted: dict[str, dict[str, studies.Band]] = {}
+  handles, labels = [], []
+  methods = list(dict.fromkeys(r.method for r in runs))
+  for ax, (name, groups) in zip(axes, by_config.items()):
+    plotted[name] = {}
+    for method, members in groups.items():
+      band = studies.band([studies.curve(r.records, f'eval/top1/{r.network}') for r in members])
+      plotted[name][method] = band
+      networks = '/'.join(sorted({r.network for r in members}))
+      label = f'{method} ({networks}, {len(members)} seed{"s" if len(members) > 1 else ""})'
+      line = _draw_band(ax, band, group_colour(method, methods.index(method)), label)
+      if label not in labels:
+        handles.append(line)
+        labels.append(label)
+    ax.set(title=f'{name + ": " if name else ""}test top-1 (%), mean and min–max over seeds', xlabel='epoch')
+    ax.grid(alpha=0.3)
+  _legend_outside(fig, handles, labels)
+  _save(fig, out)
+  return plotted
+
+
+def networks_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, dict[str, studies.Band]]:
+  """Every network's test top-1 (mean over seeds), one panel per group; returns {group: {network: Band}}."""
+  groups = group_runs(runs)
+  fig, axes = _panels(len(groups))
+  plotted: dict[str, dict[str, studies.Band]] = {}
+  legend: dict[str, Any] = {}
+  for ax, (label, members) in zip(axes, groups.items()):
+    networks = sorted({k[len('eval/top1/'):] for r in members for rec in r.records for k in rec
+                       if k.startswith('eval/top1/')}, key=studies.network_sort_key)
+    plotted[label] = {}
+    for network in networks:
+      band = studies.band([studies.curve(r.records, f'eval/top1/{network}') for r in members])
+      plotted[label][network] = band
+      legend.setdefault(network, _draw_band(ax, band, network_colour(network), network, fill=False))
+    ax.set(title=f'{label}: test top-1 (%), mean over {len(members)} seed(s)', xlabel='epoch')
+    ax.grid(alpha=0.3)
+  names = sorted(legend, key=studies.network_sort_key)
+  _legend_outside(fig, [legend[n] for n in names], names)
+  _save(fig, out)
+  return plotted
+
+
+def losses_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, dict[tuple[str, str], studies.Band]]:
+  """One panel per loss term; colour = network, line style = group; returns {term: {(group, network): Band}}."""
+  groups = group_runs(runs)
+  terms: dict[str, set[str]] = {}
+  for members in groups.values():
+    for run in members:
+      for term, networks in studies.loss_terms(run.records).items():
+        terms.setdefault(term, set()).update(networks)
+  fig, axes = _panels(len(terms))
+  plotted: dict[str, dict[tuple[str, str], studies.Band]] = {}
+  for ax, (term, networks) in zip(axes, terms.items()):
+    plotted[term] = {}
+    for index, (label, members) in enumerate(groups.items()):
+      for network in sorted(networks, key=studies.network_sort_key):
+        key = 'loss/total' if term == 'total' else f'{network}/{term}'
+        curves = [c for c in (studies.curve(r.records, key) for r in members) if len(c[0])]
+        if curves:
+          band = studies.band(curves)
+          plotted[term][(label, network)] = band
+          _draw_band(ax, band, network_colour(network), f'{label}: {network}', _GROUP_STYLES[index % 4], fill=False)
+    ax.set(title='loss/total' if term == 'total' else f'<network>/{term}', xlabel='epoch')
+    ax.grid(alpha=0.3)
+  networks = sorted({n for names in terms.values() for n in names}, key=studies.network_sort_key)
+  handles = [Line2D([], [], color=network_colour(n)) for n in networks]
+  labels = list(networks)
+  if len(groups) > 1:
+    handles += [Line2D([], [], color='k', ls=_GROUP_STYLES[i % 4]) for i in range(len(groups))]
+    labels += list(groups)
+  _legend_outside(fig, handles, labels)
+  _save(fig, out)
+  return plotted
+
+
+_SCHEDULE_PANELS = (('learning_rate/networks', 'learning rate: students, leader, fusion (SGD)', True),
+                    ('learning_rate/decoders', 'learning rate: decoders (Adam)', True),
+                    ('lambda_scale', 'λ warm-up factor (scales λ_div, λ_f, λ_sd; ffsd)', False))
+
+
+def schedules_figure(runs: Sequence[studies.RunResult], out: str, config: Any = None
+                     ) -> dict[str, dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+  """Learning rates and λ warm-up per group: lines from the config, dots logged.
+
+  Args:
+    runs: the runs; each group's first run gives the config (its config.json, else `config`), steps per epoch and
+      total steps.
+    out: the PNG path.
+    config: a config (ConfigDict or dict) for runs without config.json; None draws only the logged values.
+
+  Returns:
+    {key: {group: {'config': (epochs, values) or absent, 'logged': (epochs, values)}}}.
+  """
+  groups = group_runs(runs)
+  fig, axes = _panels(len(_SCHEDULE_PANELS))
+  plotted: dict[str, dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]] = {k: {} for k, _, _ in _SCHEDULE_PANELS}
+  handles, labels = [], []
+  for index, (label, members) in enumerate(groups.items()):
+    run = members[0]
+    colour = group_colour(label, index)
+    run_config = run.config_values if run.config_values is not None else config
+    spe = studies.steps_per_epoch(run.records)
+    total = run.total_steps
+    if total is None and run_config is not None and spe:
+      max_steps, num_epochs = int(run_config.get('max_steps', -1)), int(run_config.get('num_epochs', 0))
+      total = max_steps if max_steps > 0 else num_epochs * spe
+    computed = {}
+    if run_config is not None and spe and total:
+      try:
+        computed = studies.schedule_curves(run_config, spe, total)
+      except (AttributeError, KeyError, TypeError, ValueError) as error:
+        # A config.json of another version (a key missing or renamed): the logged values are still drawn.
+        print(f'{label}: schedules not computed from the config ({type(error).__name__}: {error})', file=sys.stderr)
+    for ax, (key, title, log_scale) in zip(axes, _SCHEDULE_PANELS):
+      plotted[key][label] = {}
+      if key in computed:
+        plotted[key][label]['config'] = computed[key]
+        # steps-pre: the value at x = (c + 1) / spe holds over step c, i.e. for epochs in (c / spe, x].
+        (line,) = ax.plot(*computed[key], color=colour, lw=1.4, label=label, drawstyle='steps-pre')
+        if label not in labels:
+          handles.append(line)
+          labels.append(label)
+      logged = studies.curve(run.records, key)
+      if len(logged[0]):
+        plotted[key][label]['logged'] = logged
+        dots = ax.plot(*logged, '.', color=colour, ms=4, label=f'{label} (logged)')[0]
+        if f'{label} (logged)' not in labels:
+          handles.append(dots)
+          labels.append(f'{label} (logged)')
+      ax.set(title=title, xlabel='epoch', yscale='log' if log_scale and ax.has_data() else 'linear')
+      ax.grid(alpha=0.3)
+  _legend_outside(fig, handles, labels)
+  _save(fig, out)
+  return plotted
+
+
+def keys_figure(runs: Sequence[studies.RunResult], patterns: Sequence[str], out: str
+                ) -> dict[str, dict[str, studies.Band]]:
+  """One panel per metrics key matching any fnmatch pattern: mean and min–max band per group; {key: {group: Band}}.
+
+  Raises:
+    ValueError: no key matches.
+  """
+  all_keys = sorted({k for r in runs for rec in r.records for k in rec if k not in ('step', 'epoch', 'time')})
+  keys = [k for k in all_keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+  if not keys:
+    raise ValueError(f'No metrics key matches {", ".join(patterns)}; keys: {", ".join(all_keys)}.')
+  groups = group_runs(runs)
+  fig, axes = _panels(len(keys))
+  plotted: dict[str, dict[str, studies.Band]] = {}
+  handles: dict[str, Any] = {}
+  for ax, key in zip(axes, keys):
+    plotted[key] = {}
+    for index, (label, members) in enumerate(groups.items()):
+      curves = [c for c in (studies.curve(r.records, key) for r in members) if len(c[0])]
+      if curves:
+        plotted[key][label] = studies.band(curves)
+        handles.setdefault(label, _draw_band(ax, plotted[key][label], group_colour(label, index), label))
+    ax.set(title=key, xlabel='epoch')
+    ax.grid(alpha=0.3)
+  _legend_outside(fig, list(handles.values()), list(handles))
+  _save(fig, out)
+  return plotted
+
+
+def plot(runs: Sequence[studies.RunResult], out: str, figures: Sequence[str] = FIGURES,
+         keys: Sequence[str] = (), config: Any = None) -> dict[str, str]:
+  """Writes the chosen figures to `<out>_<figure>.png` (`out` without .png); returns {figure: path}."""
+  out = out[:-len('.png')] if out.endswith('.png') else out
+  if os.path.dirname(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  paths = {}
+  for figure in figures:
+    path = f'{out}_{figure}.png'
+    if figure == 'headline':
+      headline_figure(runs, path)
+    elif figure == 'networks':
+      networks_figure(runs, path)
+    elif figure == 'losses':
+      losses_figure(runs, path)
+    elif figure == 'schedules':
+      schedules_figure(runs, path, config)
+    elif figure == 'keys':
+      keys_figure(runs, keys, path)
+    else:
+      raise ValueError(f'Unknown figure {figure!r}; valid: {", ".join(FIGURES + ("keys",))}.')
+    paths[figure] = path
+  return paths
+
+
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('runs', nargs='+', help='workdirs or metrics.jsonl files; label=path sets a label')
-  parser.add_argument('--out', default='metrics.png', help='output PNG')
+  parser.add_argument('paths', nargs='+', help='study roots or workdirs; label=path sets the method (group) label')
+  parser.add_argument('--out', default='metrics', help='output prefix: writes <out>_<figure>.png')
+  parser.add_argument('--figures', help=f'comma-separated, from {",".join(FIGURES + ("keys",))}')
+  parser.add_argument('--keys', default='', help="comma-separated metrics keys or patterns (e.g. 'leader/*')")
+  parser.add_argument('--config', help='config file for the schedules of runs without WORKDIR/config.json')
   args = parser.parse_args(argv)
-  runs = {}
-  for spec in args.runs:
-    label, _, path = spec.rpartition('=') if '=' in spec else (None, None, spec)
-    runs[label or os.path.basename(os.path.normpath(path.replace('metrics.jsonl', '')))] = read_run(path)
-  print(plot(runs, args.out))
+  keys = [k for k in args.keys.split(',') if k]
+  figures = args.figures.split(',') if args.figures else (['keys'] if keys else list(FIGURES))
+  if keys and 'keys' not in figures:
+    figures.append('keys')
+  config = studies.load_config_file(args.config, REPO_ROOT) if args.config else None
+  try:
+    paths = plot(studies.collect_runs(args.paths), args.out, figures, keys, config)
+  except (ValueError, FileNotFoundError) as error:
+    print(f'{type(error).__name__}: {error}', file=sys.stderr)
+    return 2
+  for path in paths.values():
+    print(path)
+  return 0
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  sys.exit(main(sys.argv[1:]))

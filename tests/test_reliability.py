@@ -48,7 +48,7 @@ def _subprocess_env(**overrides: str) -> dict[str, str]:
 
 
 def _comparable(records):
-  return [{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in records]
+  return [{k: v for k, v in r.items() if k not in metric_writers.TIMING_KEYS} for r in records]
 
 
 def _state_leaves(config, workdir) -> list[np.ndarray]:
@@ -255,7 +255,7 @@ def test_ctrl_c_torn_metrics_line_and_replayed_tensorboard_points_resume_exactly
     accumulator = event_accumulator.EventAccumulator(str(workdir / 'tensorboard'), size_guidance={'scalars': 0})
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()['scalars']
-            if tag != 'steps_per_sec'}
+            if tag not in metric_writers.TIMING_KEYS}
 
   workdir = tmp_path / 'sigint'
   summary = _stop_at(monkeypatch, workdir, (signal.SIGINT,))

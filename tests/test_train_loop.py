@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -70,7 +71,7 @@ def _tree_hashes(root: pathlib.Path) -> dict[str, str]:
 
 
 def _comparable(records):
-  return [{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in records]
+  return [{k: v for k, v in r.items() if k not in metric_writers.TIMING_KEYS} for r in records]
 
 
 def test_straight_run_logs_and_checkpoints(straight_run):
@@ -98,6 +99,7 @@ def test_sigterm_then_resume_is_exact(straight_run, tmp_path, monkeypatch):
     signal_at_batch(patch, STOP_STEP)
     summary = train_loop.train_and_evaluate(run_config(), str(workdir))
   assert summary['preempted'] and summary['step'] == STOP_STEP
+  assert json.loads((workdir / train_loop.SUMMARY_FILE).read_text()) == summary  # Written on preemption too.
   assert os.listdir(workdir / checkpointing.LATEST_DIR) == [str(STOP_STEP)]
   assert signal.getsignal(signal.SIGTERM) is not None  # The loop put the previous handler back.
 
@@ -130,7 +132,7 @@ def test_exported_leader_gives_the_train_state_leader_logits(straight_run, tmp_p
   workdir, _ = straight_run
   config = run_config()
   export_dir = export.export_leader(config, str(workdir), str(tmp_path / 'export'), checkpoint='latest')
-  assert sorted(os.listdir(export_dir)) == [export.METADATA_FILE, export.PARAMS_FILE]
+  assert sorted(os.listdir(export_dir)) == sorted([export.METADATA_FILE, export.PARAMS_FILE, export.PORTABLE_FILE])
   leader_logits = export.load_leader(export_dir)
   images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
   state = train_loop.restore_for_inference(config, str(workdir), 'latest')[0]
@@ -193,8 +195,17 @@ def test_truncated_checkpoint_fails_and_is_untouched(straight_run, tmp_path):
 def test_plot_metrics_draws_runs(straight_run, tmp_path):
   sys.path.insert(0, os.path.join(REPO_ROOT, 'scripts'))
   import plot_metrics  # pylint: disable=g-import-not-at-top
+  from ffsd_jax import studies  # pylint: disable=g-import-not-at-top
   workdir = str(straight_run[0])
-  out = plot_metrics.plot({'a': plot_metrics.read_run(workdir), 'b': plot_metrics.read_run(workdir)},
-                          str(tmp_path / 'metrics.png'))
-  with open(out, 'rb') as f:
-    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # The same real run twice under one label: the band collapses onto the run's own leader curve.
+  runs = studies.collect_runs([f'a={workdir}', f'a={workdir}', f'b={workdir}'])
+  paths = plot_metrics.plot(runs, str(tmp_path / 'metrics'), keys=['leader/*'],
+                            figures=plot_metrics.FIGURES + ('keys',))
+  assert list(paths) == list(plot_metrics.FIGURES) + ['keys']
+  for path in paths.values():
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  epochs, leader = studies.curve(metric_writers.read_metrics(workdir), 'eval/top1/leader')
+  band = plot_metrics.headline_figure(runs, str(tmp_path / 'headline.png'))['']['a']
+  assert band.x.tolist() == epochs.tolist() and band.count.tolist() == [2] * len(epochs)
+  assert band.mean.tolist() == band.low.tolist() == band.high.tolist() == leader.tolist()

@@ -91,9 +91,9 @@ def test_create_train_state(ffsd_state):
 
 
 def test_stop_gradients_give_each_group_its_own_gradient(ffsd_state):
-  """∇_g(total) = ∇_g(L_g) for every group g, and ∇_h(L_g) = 0 for every other group h (reference §6, §7).
+  """∇_g(total) = ∇_g(L_g) for every group g, and ∇_h(L_g) = 0 for every other group h (docs/method.md §6, §7.3).
 
-  λ_div = 1 so that the students' diversity and SD terms are visible in the gradients (reference §16).
+  λ_div = 1 so that the students' diversity and SD terms are visible in the gradients (docs/method.md §7.4).
   """
   _, model, state = ffsd_state
   weights = objective.LossWeights(temperature=2.0, lambda_diversity=1.0, lambda_fusion=10.0,
@@ -223,13 +223,18 @@ def test_eval_steps_match_numpy(ffsd_state, trained):
     top5 = np.array([labels[b] in np.argsort(-z[b])[:5] for b in range(BATCH)]) & mask
     assert int(sums[f'correct/{name}']) == top1.sum(), name
     assert int(sums[f'correct_top5/{name}']) == top5.sum(), name
-  assert sorted(sums) == sorted(['count'] + [f'correct/{n}' for n in logits] + [f'correct_top5/{n}' for n in logits])
+    shifted = z - z.max(-1, keepdims=True)
+    cross_entropy = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(BATCH), labels]
+    np.testing.assert_allclose(float(sums[f'cross_entropy/{name}']), cross_entropy[mask].sum(), rtol=1e-5,
+                               err_msg=name)
+  assert sorted(sums) == sorted(['count'] + [f'{kind}/{n}' for n in logits
+                                             for kind in ('correct', 'correct_top5', 'cross_entropy')])
   # The leader alone, from its own variables only (nothing else is passed, so nothing else can run).
   leader_variables = {'params': state.params['leader'], 'batch_stats': state.batch_stats['leader']}
   leader_sums = jax.jit(train_step.make_leader_eval_step(config, CIFAR100_MEAN_STD))(leader_variables, batch)
-  assert sorted(leader_sums) == ['correct/leader', 'correct_top5/leader', 'count']
+  assert sorted(leader_sums) == ['correct/leader', 'correct_top5/leader', 'count', 'cross_entropy/leader']
   for key in leader_sums:
-    assert int(leader_sums[key]) == int(sums[key]), key
+    np.testing.assert_allclose(float(leader_sums[key]), float(sums[key]), rtol=1e-5, err_msg=key)
 
 
 def test_train_step_is_pure_and_traces_in_bfloat16(ffsd_state):
