@@ -28,13 +28,13 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ffsd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from ffsd_jax import run_record
 from ffsd_jax import sharding as sharding_lib
 from ffsd_jax import train_state as train_state_lib
 from ffsd_jax import train_step as train_step_lib
@@ -47,31 +47,6 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per measurement (after w
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 _DATA = flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'], 'Where batches come from.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the measurements to this JSON file.')
-
-# Dense peak TFLOP/s by device kind substring and compute dtype (vendor data sheets, SXM parts, no sparsity).
-# float32 matmuls on Hopper run as TF32 by default in XLA, so the TF32 peak is the relevant ceiling.
-PEAK_TFLOPS = {
-    'H100': {'bfloat16': 989.0, 'float32': 494.7},
-    'H200': {'bfloat16': 989.0, 'float32': 494.7},
-    'A100': {'bfloat16': 312.0, 'float32': 156.0},
-}
-
-
-def _peak_tflops(device: jax.Device, dtype: str) -> float | None:
-  for kind, peaks in PEAK_TFLOPS.items():
-    if kind in device.device_kind:
-      return peaks[dtype]
-  return None
-
-
-def _flops(compiled) -> float | None:
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # Older JAX returned one dict per computation.
-    analysis = analysis[0] if analysis else None
-  if not analysis or 'flops' not in analysis:
-    return None
-  return float(analysis['flops'])
-
 
 def _peak_memory_bytes(device: jax.Device) -> tuple[int | None, str]:
   stats = device.memory_stats()
@@ -124,7 +99,9 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
   start = time.perf_counter()
   compiled = jitted.lower(state, first).compile()
   compile_s = time.perf_counter() - start
-  flops = _flops(compiled)
+  # XLA's cost analysis of a partitioned program counts the FLOPs of one device's share.
+  flops_per_device = run_record.compiled_flops(compiled)
+  flops = None if flops_per_device is None else flops_per_device * jax.device_count()
 
   state, metrics = compiled(state, first)
   jax.block_until_ready(metrics)
@@ -152,9 +129,9 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
       'achieved_tflops': None if flops is None else flops / median / 1e12,
       'peak_memory_gib': peak_memory / 2**30, 'peak_memory_source': memory_source,
   }
-  peak = _peak_tflops(device, dtype)
-  if peak is not None and flops is not None:
-    result['share_of_peak'] = result['achieved_tflops'] / (peak * jax.device_count())
+  peak = run_record.peak_flops_per_sec(device, dtype)
+  if peak is not None and flops_per_device is not None:
+    result['share_of_peak'] = flops_per_device / median / peak
   return result
 
 

@@ -107,7 +107,7 @@ class Blocker:
 sys.meta_path.insert(0, Blocker())
 import ffsd_jax
 modules = ['main'] + [m.name for m in pkgutil.walk_packages(ffsd_jax.__path__, 'ffsd_jax.')]
-lazy = ['grain', 'tensorflow_datasets', 'clu.parameter_overview', 'orbax.checkpoint', 'PIL.Image', 'tqdm',
+lazy = ['grain', 'tensorflow_datasets', 'clu.parameter_overview', 'orbax.checkpoint', 'PIL.Image',
         'tensorboardX', 'jax._src.export.serialization']  # The last needs flatbuffers (the portable export).
 for name in modules + lazy:
   importlib.import_module(name)

@@ -340,7 +340,8 @@ def test_keys_figure_and_plot_files(tmp_path):
 
 
 def test_run_study_stops_when_a_run_exits_short_of_its_last_step(tmp_path):
-  # Today's main.py writes no summary.json on SIGTERM: exit 0 with only records means the run was preempted.
+  # A stopped run exits 0 short of its last step; main.py writes summary.json with preempted: true, an older version
+  # wrote none: records without a summary mean the same.
   runs = studies.plan_study(['c.py'], ['ffsd'], [0, 1], str(tmp_path))
 
   def stopped_run(command):
