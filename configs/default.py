@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.max_steps = -1  # > 0 stops training after this many steps (smoke runs, benchmarks).
+  # A fresh run starts its leader (and trans-fusion head) from an export folder or an official FFSD checkpoint
+  # (.pth / .safetensors, see scripts/convert_official.py); True also starts every student from that leader.
+  config.init_leader_from = config_dict.placeholder(str)
+  config.init_students_from_leader = False
   # Resuming with other optimisation values (learning rates, λ's, temperature, compute_dtype, ...) than the
   # checkpoint's is refused unless True; accepted changes are logged to WORKDIR/config_changes.jsonl.
   config.allow_config_change = False

@@ -49,6 +49,7 @@ FREE_KEYS = frozenset({
     'eval_top5',  # Read with config.get: adds top-5 metrics only.
     'skip_bad_images',  # Turning it on is how a run that stopped on a corrupt image continues.
     'jax_cache_dir',  # Where compiled executables are cached; they do not change what is computed.
+    'init_leader_from', 'init_students_from_leader',  # Read on a fresh start only; a resume ignores them.
 })
 # Keys that change the optimisation (or what the best checkpoint is measured on): a resume with other values would
 # silently be another run, so it needs --config.allow_config_change=True. Unclassified keys are treated like these.
@@ -108,7 +109,7 @@ _FLOATS = {
     'fusion_weight_decay': (False, 'set --config.fusion_weight_decay=0.00001 (0 turns it off)'),
     'decoder_weight_decay': (False, 'set --config.decoder_weight_decay=0.0001 (0 turns it off)'),
 }
-_BOOLS = ('distributed', 'cpu_library_fusions', 'allow_config_change', 'skip_bad_images')
+_BOOLS = ('distributed', 'cpu_library_fusions', 'allow_config_change', 'skip_bad_images', 'init_students_from_leader')
 
 
 def _is_int(value: Any) -> bool:

@@ -110,9 +110,27 @@ def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: s
       'checkpoint': path,
   }
   if jax.process_index() == 0:
-    portable, metadata['portable'] = portable_leader(leader, metadata)
-    _write_export(export_dir, flax.serialization.msgpack_serialize(leader), metadata, {PORTABLE_FILE: portable})
+    write_leader_export(export_dir, leader, metadata)
     logging.info('Exported the leader (%s, step %d) to %s.', config.model, step, export_dir)
+  return export_dir
+
+
+def write_leader_export(export_dir: str, leader: Any, metadata: dict[str, Any]) -> str:
+  """Writes an export folder from the deployed network's host variables (also used for converted checkpoints).
+
+  Args:
+    export_dir: the folder (created if needed).
+    leader: the backbone's `{'params', 'batch_stats'}` as host arrays.
+    metadata: `model`, `network`, `num_classes`, `image_size`, `mean_std`, `compute_dtype`, `dataset`, `step`,
+      `checkpoint` and any extra keys; the checksums and the portable signature are added here.
+
+  Returns:
+    The export folder.
+  """
+  leader = jax.tree.map(np.asarray, leader)
+  metadata = dict(metadata)
+  portable, metadata['portable'] = portable_leader(leader, metadata)
+  _write_export(export_dir, flax.serialization.msgpack_serialize(leader), metadata, {PORTABLE_FILE: portable})
   return export_dir
 
 
@@ -168,7 +186,7 @@ def portable_leader(variables: Any, metadata: dict[str, Any]) -> tuple[bytes, di
   return bytes(exported.serialize()), signature
 
 
-def _read_export(export_dir: str) -> tuple[dict[str, Any], Any]:
+def read_export(export_dir: str) -> tuple[dict[str, Any], Any]:
   """The metadata and the variables of an export folder, after checking `leader.msgpack` against its sha256.
 
   Raises:
@@ -208,7 +226,7 @@ def load_leader(export_dir: str) -> Callable[[Any], jax.Array]:
   Raises:
     ExportError: `leader.msgpack` does not match the sha256 in `leader.json` (the error names the file).
   """
-  metadata, variables = _read_export(export_dir)
+  metadata, variables = read_export(export_dir)
   size = metadata['image_size']
   variables = jax.device_put(variables)
   # Variables as an argument, not baked into the program as constants.

@@ -30,16 +30,18 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import zipfile
 from typing import Any, Iterable, Mapping
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from ffsd_jax import checkpointing
+from ffsd_jax import export
 from ffsd_jax import models
 from ffsd_jax.models.heads import TransFusionHead
 
@@ -51,8 +53,6 @@ OFFICIAL_CFG = {
     'resnet18': 'resnet18', 'resnet34': 'resnet34',
 }
 TRANS_FUSION_PREFIX = 'trans_fusion_module.'
-EXPORT_PARAMS_FILE = 'leader.msgpack'
-EXPORT_METADATA_FILE = 'leader.json'
 
 # GoogLeNet: project branch unit -> (official Sequential name, index of its conv; its BN follows at index + 1).
 _GOOGLENET_UNITS = {'b1_0': ('branch1x1', 0), 'b2_0': ('branch3x3', 0), 'b2_1': ('branch3x3', 3),
@@ -607,7 +607,7 @@ def save_pth(path: str, obj: Any) -> None:
       z.writestr(f'{archive}/data/{storage.key}', storage.array.astype(storage.array.dtype.newbyteorder('<'),
                                                                         copy=False).tobytes())
     z.writestr(f'{archive}/version', '3\n')
-  _atomic_write(path, data.getvalue())
+  checkpointing.write_file_atomically(path, data.getvalue())
 
 
 _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -631,7 +631,7 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Map
     offset += len(data)
   encoded = json.dumps(header, separators=(',', ':')).encode()
   encoded += b' ' * (-len(encoded) % 8)  # The data starts 8-byte aligned, as the reference writer does.
-  _atomic_write(path, struct.pack('<Q', len(encoded)) + encoded + b''.join(blobs))
+  checkpointing.write_file_atomically(path, struct.pack('<Q', len(encoded)) + encoded + b''.join(blobs))
 
 
 def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -708,47 +708,21 @@ def load_official(path: str, model: str, num_classes: int | None = None, num_stu
 # Export folders.
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def write_export(export_dir: str, leader: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
-  """Writes the two files `export.export_leader` writes (`leader.msgpack`, then `leader.json` with its sha256).
-
-  Args:
-    export_dir: the folder (created if needed; a folder this call created is removed again if writing fails).
-    leader: `{'params', 'batch_stats'}` of the leader backbone.
-    metadata: export.py's keys (model, network, num_classes, image_size, mean_std, compute_dtype, dataset, step,
-      checkpoint) and any extra ones.
+  """Writes the export folder `export.export_leader` writes, from leader variables (a folder this call created is
+  removed again if writing fails).
 
   Returns:
     The absolute export folder.
   """
   export_dir = os.path.abspath(export_dir)
-  params = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(leader)))
-  metadata = {**metadata, 'params_sha256': hashlib.sha256(params).hexdigest(), 'params_bytes': len(params)}
   created = not os.path.isdir(export_dir)
-  os.makedirs(export_dir, exist_ok=True)
   try:
-    _atomic_write(os.path.join(export_dir, EXPORT_PARAMS_FILE), params)
-    _atomic_write(os.path.join(export_dir, EXPORT_METADATA_FILE), json.dumps(metadata, indent=2).encode())
+    return export.write_leader_export(export_dir, dict(leader), dict(metadata))
   except BaseException:
-    if created:
-      for name in (EXPORT_PARAMS_FILE, EXPORT_METADATA_FILE):
-        if os.path.exists(os.path.join(export_dir, name)):
-          os.remove(os.path.join(export_dir, name))
-      os.rmdir(export_dir)
+    if created and os.path.isdir(export_dir):
+      shutil.rmtree(export_dir)
     raise
-  return export_dir
 
 
 def _mean_std(config: Any) -> list[list[float]]:
@@ -801,18 +775,6 @@ def convert_official_to_export(checkpoint: str, config: Any, export_dir: str) ->
   return write_export(export_dir, leader, metadata)
 
 
-def read_export(export_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The metadata and leader variables of an export folder, checked against the sha256 in `leader.json`."""
-  with open(os.path.join(export_dir, EXPORT_METADATA_FILE), 'rb') as f:
-    metadata = json.loads(f.read())
-  with open(os.path.join(export_dir, EXPORT_PARAMS_FILE), 'rb') as f:
-    params = f.read()
-  if metadata.get('params_sha256') not in (None, hashlib.sha256(params).hexdigest()):
-    raise OfficialFormatError(f'{export_dir}/{EXPORT_PARAMS_FILE} does not match the sha256 in '
-                              f'{EXPORT_METADATA_FILE}: the export is corrupt.')
-  return metadata, flax.serialization.msgpack_restore(params)
-
-
 def write_official(out_path: str, leader: Mapping[str, Any], model: str, trans_fusion: Mapping[str, Any] | None = None,
                    epoch: int = 0, step: int = 0, index: str = 'leader') -> list[str]:
   """Writes an official-format checkpoint as `<out>.pth` and `<out>.safetensors`, without torch.
@@ -846,7 +808,7 @@ def load_leader_source(source: str, model: str, num_classes: int, num_students: 
                        ) -> tuple[dict[str, Any], dict[str, Any] | None]:
   """Leader (and head, if the source has one) variables from a project export folder or an official file."""
   if os.path.isdir(source):
-    metadata, leader = read_export(source)
+    metadata, leader = export.read_export(source)
     if models.get_spec(metadata['model']).name != models.get_spec(model).name:
       raise OfficialFormatError(f'{source} holds a {metadata["model"]} leader; the config trains {model}.')
     return leader, None
@@ -935,7 +897,7 @@ def export_official_from_export(export_dir: str, out_path: str) -> list[str]:
   The official leader's `load_state_dict` then needs `strict=False` (the head's keys are missing), or load it into the
   official model built without `leader=True`, whose keys it matches exactly.
   """
-  metadata, leader = read_export(export_dir)
+  metadata, leader = export.read_export(export_dir)
   official = metadata.get('official') or {}
   return write_official(out_path, leader, metadata['model'], None, epoch=int(official.get('epoch') or 0),
                         step=int(metadata.get('step') or 0))

@@ -305,6 +305,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   else:
     state = sharding.init_replicated(init_fn, mesh)
     loop_state = {}
+    if config.get('init_leader_from'):
+      # Fine-tuning or distilling from a trained leader; the optimizer state starts fresh.
+      from ffsd_jax import official  # pylint: disable=g-import-not-at-top
+      students = bool(config.get('init_students_from_leader'))
+      state = official.init_leader_from(state, config.init_leader_from, config.model, config.num_classes,
+                                        config.num_students, students=students)
+      if _is_leader_process():
+        logging.info('Initialised the leader%s from %s; the optimizer state starts fresh.',
+                     ' and the students' if students else '', config.init_leader_from)
   step = int(_to_host(state.step))
   if step >= total_steps:
     _log_already_finished(workdir, step)  # Its summary.json is missing or stale: rewritten below.
@@ -509,19 +518,46 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str, check
   return state, step, path, mesh, info
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best') -> dict[str, Any]:
-  """Evaluates the leader alone (the deployed network) from the best or latest checkpoint.
+def _export_for_inference(config: ml_collections.ConfigDict, export_dir: str):
+  """The deployed network's variables from an export folder (native or converted from an official checkpoint).
 
-  Writes `workdir/eval_leader.json` with top-1 and top-5 (percent), the mean cross-entropy, the step and the
-  checkpoint path.
+  Returns:
+    (variables placed on the mesh, step, export folder, mesh, dataset_info).
   """
-  state, step, path, mesh, info = restore_for_inference(config, workdir, checkpoint)
+  from ffsd_jax import export  # pylint: disable=g-import-not-at-top  (export imports this module)
+  config_checks.validate_config(config)
+  run_record.setup_compilation_cache(config.get('jax_cache_dir'))
+  mesh, info, _, _, _, _ = _setup(config)
+  metadata, variables = export.read_export(export_dir)
+  saved = (metadata.get('model'), metadata.get('num_classes'), metadata.get('image_size'))
+  if saved != (config.model, info.num_classes, info.image_size):
+    raise export.ExportError(
+        f'The export {export_dir} holds a {saved[0]} for {saved[1]} classes at {saved[2]}x{saved[2]}, but the config '
+        f'asks for a {config.model} for {info.num_classes} classes at {info.image_size}x{info.image_size}; use the '
+        'config the leader was trained (or converted) with.')
+  variables = jax.device_put(variables, sharding.replicated_sharding(mesh))
+  return variables, int(metadata.get('step', 0)), os.path.abspath(export_dir), mesh, info
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best',
+             export_dir: str | None = None) -> dict[str, Any]:
+  """Evaluates the leader alone (the deployed network) from the best or latest checkpoint, or from an export folder.
+
+  `export_dir` (e.g. a leader converted from an official checkpoint by scripts/convert_official.py) is evaluated
+  with the same step and data as a checkpoint's leader. Writes `workdir/eval_leader.json` with top-1 and top-5
+  (percent), the mean cross-entropy, the step and the checkpoint (or export) path.
+  """
+  if export_dir is None:
+    state, step, path, mesh, info = restore_for_inference(config, workdir, checkpoint)
+    variables = deployed_variables(state, config)
+  else:
+    variables, step, path, mesh, info = _export_for_inference(config, export_dir)
   replicated = sharding.replicated_sharding(mesh)
   leader_eval = jax.jit(train_step_lib.make_leader_eval_step(config, info.mean_std),
                         in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=replicated,
                         compiler_options=sharding.step_compiler_options(mesh, config))
   network = deployed_network(config)
-  sums = _eval_loop(leader_eval, deployed_variables(state, config), config, mesh)
+  sums = _eval_loop(leader_eval, variables, config, mesh)
   count = sums['count']
   top1 = [v for k, v in sums.items() if k == 'correct' or k.startswith('correct/')]
   top5 = [v for k, v in sums.items() if k == 'correct_top5' or k.startswith('correct_top5/')]
@@ -534,6 +570,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
     logging.info('%s (%s) from %s: top-1 %.2f%%%s, loss %.4f', network, config.model, path, result['top1'],
                  f', top-5 {result["top5"]:.2f}%' if top5 else '', result['loss'])
     try:
+      os.makedirs(workdir, exist_ok=True)  # Evaluating an export needs no trained workdir.
       write_json_atomically(os.path.join(workdir, EVAL_LEADER_FILE), result)
     except OSError as error:
       logging.warning('Could not write %s (%s); the result is the line above.',

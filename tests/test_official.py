@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from ffsd_jax import export
 from ffsd_jax import models
 from ffsd_jax import official
 from ffsd_jax.data.normalization import CIFAR100_MEAN_STD, IMAGENET_MEAN_STD
@@ -193,12 +194,12 @@ def test_convert_to_export_and_load_leader(tmp_path):
                                   'cfg': 'resnet20', 'index': 'leader'})
   out = official.convert_official_to_export(str(source), _config('resnet20'), str(tmp_path / 'export'))
   metadata = json.loads((tmp_path / 'export' / 'leader.json').read_text())
-  assert set(metadata) == EXPORT_METADATA_KEYS | {'official'}
+  assert set(metadata) == EXPORT_METADATA_KEYS | {'official', 'portable', 'files'}  # The portable leader too.
   assert metadata['official'] == {'file': str(source), 'sha256': official.file_sha256(str(source)), 'epoch': 123,
                                   'cfg': 'resnet20', 'index': 'leader', 'num_students': 2}
   assert (metadata['model'], metadata['num_classes'], metadata['image_size']) == ('resnet20', 100, 32)
   assert metadata['mean_std'] == [list(CIFAR100_MEAN_STD[0]), list(CIFAR100_MEAN_STD[1])]
-  _, exported = official.read_export(out)
+  _, exported = export.read_export(out)
   assert_trees_identical(leader, exported)
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8)
   from ffsd_jax.data.normalization import normalize_images  # pylint: disable=g-import-not-at-top
@@ -635,3 +636,25 @@ def test_torch_load_reads_the_restricted_readers_input_identically(name):
     mine = ours['weight'][key]
     reference = tensor.float().numpy().astype(mine.dtype) if tensor.dtype == torch_.bfloat16 else tensor.numpy()
     assert mine.shape == tuple(tensor.shape) and np.array_equal(mine, reference), key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluating an export folder on a dataset.
+
+
+def test_eval_of_an_export_equals_eval_of_its_checkpoint(tiny_run, tmp_path):
+  """`--mode eval --export_dir` (how a converted official leader is evaluated) gives exactly the checkpoint's top-1,
+  top-5 and loss, and refuses an export of another architecture."""
+  from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top
+  from test_sharding import tiny_config  # pylint: disable=g-import-not-at-top
+  workdir, _ = tiny_run
+  config = tiny_config()
+  native = train_loop.evaluate(config, str(workdir), checkpoint='latest')
+  export_dir = export.export_leader(config, str(workdir), str(tmp_path / 'export'), checkpoint='latest')
+  (tmp_path / 'eval').mkdir()
+  from_export = train_loop.evaluate(config, str(tmp_path / 'eval'), export_dir=export_dir)
+  for key in ('top1', 'top5', 'loss', 'num_examples', 'step'):
+    assert from_export[key] == native[key], key
+  assert from_export['checkpoint'] == export_dir
+  with pytest.raises(export.ExportError, match='holds a resnet8_tiny for 10 classes'):
+    train_loop.evaluate(tiny_config(num_classes=12), str(tmp_path / 'eval'), export_dir=export_dir)

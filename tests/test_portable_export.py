@@ -74,7 +74,7 @@ def test_export_writes_the_portable_leader_with_its_checksum_and_signature(expor
       'output': {'dtype': 'float32', 'shape': ['b', 10]},
   }
   # The same leader exports to the same bytes from another call site (no caller frames in the debug locations).
-  metadata, variables = export._read_export(str(exported))  # pylint: disable=protected-access
+  metadata, variables = export.read_export(str(exported))  # pylint: disable=protected-access
   assert export.portable_leader(variables, metadata)[0] == blob
   # The loader's own copy of the names must follow export.py's.
   assert (portable.PORTABLE_FILE, portable.METADATA_FILE) == (export.PORTABLE_FILE, export.METADATA_FILE)
