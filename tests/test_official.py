@@ -168,11 +168,19 @@ def test_written_files_read_back_identically(tmp_path, suffix):
                                   step=116610)
   assert sorted(os.path.basename(f) for f in files) == ['modelleader_best.pth', 'modelleader_best.safetensors']
   path = [f for f in files if f.endswith(suffix)][0]
+  _assert_official_file(path, 'densenet40', epoch=299, counter=('bn.num_batches_tracked', 116610), leader=leader,
+                        head=head)
+
+
+def _assert_official_file(path: str, model: str, *, epoch: int, counter: tuple[str, int], leader, head) -> None:
+  """The official checkpoint at `path` holds {'weight', 'epoch', 'cfg', 'index'} with the official key set and
+  shapes, the BN step counter, and exactly `leader` and `head`."""
+  cfg = official.OFFICIAL_CFG[model]
   state, info = official.read_official_checkpoint(path)
-  assert info == {'epoch': 299, 'cfg': 'densenet', 'index': 'leader'}
-  assert {k: list(v.shape) for k, v in state.items()} == OFFICIAL['densenet']['keys']
-  assert int(state['bn.num_batches_tracked']) == 116610
-  back_leader, back_head = official.from_official(state, 'densenet40')
+  assert info == {'epoch': epoch, 'cfg': cfg, 'index': 'leader'}
+  assert {k: list(v.shape) for k, v in state.items()} == OFFICIAL[cfg]['keys']
+  assert int(state[counter[0]]) == counter[1]
+  back_leader, back_head = official.from_official(state, model)
   assert_trees_identical(leader, back_leader)
   assert_trees_identical(head, back_head)
 
@@ -245,13 +253,8 @@ def test_export_official_from_workdir(tmp_path, monkeypatch):
   written = official.export_official_from_workdir(_config('resnet56'), str(tmp_path))
   assert written == [str(tmp_path / 'export' / 'modelleader_best.safetensors'),
                      str(tmp_path / 'export' / 'modelleader_best.pth')]
-  state_dict, info = official.read_official_checkpoint(written[1])
-  assert info == {'epoch': 3, 'cfg': 'resnet56', 'index': 'leader'}
-  assert {k: list(v.shape) for k, v in state_dict.items()} == OFFICIAL['resnet56']['keys']
-  assert int(state_dict['layer3.8.bn2.num_batches_tracked']) == 1187
-  back_leader, back_head = official.from_official(state_dict, 'resnet56')
-  assert_trees_identical(leader, back_leader)
-  assert_trees_identical(head, back_head)
+  _assert_official_file(written[1], 'resnet56', epoch=3, counter=('layer3.8.bn2.num_batches_tracked', 1187),
+                        leader=leader, head=head)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
