@@ -16,6 +16,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from absl import app
 from absl import flags
@@ -56,32 +57,56 @@ def _peak_memory_bytes(device: jax.Device) -> tuple[int | None, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process max RSS (CPU)'
 
 
-def _batches(config, batch_size: int, info, num_batches: int):
-  """Yields host batches: a fixed synthetic one, or the real pipeline's."""
-  if _DATA.value == 'synthetic':
+def _batches(config, batch_size: int, info, data: str):
+  """Yields host batches without end: a fixed synthetic one, or the real pipeline's."""
+  if data == 'synthetic':
     rng = np.random.default_rng(0)
     batch = {
         'image': rng.integers(0, 256, (batch_size, info.image_size, info.image_size, 3), dtype=np.uint8),
         'label': rng.integers(0, info.num_classes, (batch_size,), dtype=np.int32),
     }
-    for _ in range(num_batches):
+    while True:
       yield batch
   else:
     iterator = data_lib.create_train_iterator(
         config, global_batch_size=batch_size, process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed)
-    for _ in range(num_batches):
+    while True:
       yield next(iterator)
 
 
-def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
-  """Compiles and times the train step for one setting; returns the figures."""
+@dataclasses.dataclass
+class CompiledStep:
+  """The training loop's jitted step compiled for one setting, with its state and a batch source."""
+  config: Any
+  mesh: Any
+  compiled: Any
+  state: Any
+  batches: Iterator[dict[str, np.ndarray]]
+  compile_s: float
+  flops_per_device: float | None
+  compiler_options: dict[str, Any]
+
+  def run(self, num_steps: int) -> list[float]:
+    """Runs `num_steps` steps (state carried over); returns each one's seconds, batch placement excluded."""
+    times = []
+    for _ in range(num_steps):
+      batch = sharding_lib.make_global_batch(next(self.batches), self.mesh)
+      start = time.perf_counter()
+      self.state, metrics = self.compiled(self.state, batch)
+      jax.block_until_ready((self.state, metrics))
+      times.append(time.perf_counter() - start)
+    return times
+
+
+def compile_step(config, method: str, dtype: str, batch_size: int, data: str = 'synthetic') -> CompiledStep:
+  """Builds, shards and compiles the train step for one setting (`data`: 'synthetic' or 'real')."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.method = method
     config.compute_dtype = dtype
     config.batch_size = batch_size
-  if _DATA.value == 'synthetic':
+  if data == 'synthetic':
     with config.unlocked():
       config.dataset = 'synthetic'
   info = data_lib.get_dataset_info(config)
@@ -94,27 +119,24 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
   jitted = train_step_lib.jit_sharded_train_step(model, config, steps_per_epoch, info.mean_std, mesh)
   compiler_options = sharding_lib.step_compiler_options(mesh, config)  # Recorded with the figures.
 
-  batches = _batches(config, batch_size, info, 1 + _WARMUP.value + _STEPS.value)
+  batches = _batches(config, batch_size, info, data)
   first = sharding_lib.make_global_batch(next(batches), mesh)
   start = time.perf_counter()
   compiled = jitted.lower(state, first).compile()
   compile_s = time.perf_counter() - start
-  # XLA's cost analysis of a partitioned program counts the FLOPs of one device's share.
-  flops_per_device = run_record.compiled_flops(compiled)
-  flops = None if flops_per_device is None else flops_per_device * jax.device_count()
+  return CompiledStep(config, mesh, compiled, state, batches, compile_s, run_record.compiled_flops(compiled),
+                      compiler_options or {})
 
-  state, metrics = compiled(state, first)
-  jax.block_until_ready(metrics)
-  for _ in range(_WARMUP.value):
-    state, metrics = compiled(state, sharding_lib.make_global_batch(next(batches), mesh))
-  jax.block_until_ready((state, metrics))
-  times = []
-  for host_batch in batches:
-    batch = sharding_lib.make_global_batch(host_batch, mesh)
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+
+def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
+  """Compiles and times the train step for one setting; returns the figures."""
+  step = compile_step(config, method, dtype, batch_size, _DATA.value)
+  # XLA's cost analysis of a partitioned program counts the FLOPs of one device's share.
+  flops_per_device = step.flops_per_device
+  flops = None if flops_per_device is None else flops_per_device * jax.device_count()
+  step.run(1 + _WARMUP.value)  # The first call and the warm-up are not timed.
+  times = step.run(_STEPS.value)
+  config, compiler_options, compile_s = step.config, step.compiler_options, step.compile_s
 
   device = jax.devices()[0]
   median = statistics.median(times)

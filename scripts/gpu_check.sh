@@ -5,10 +5,12 @@
 # Prepare here (a machine with PyPI), then carry `.whl` and `.gpu_data` to the GPU machine:
 #   bash scripts/fetch_gpu_wheels.sh                                # -> .whl/ (git-ignored)
 #   mkdir -p .gpu_data && cp ../shared/data/cifar10-jpeg.tar.gz .gpu_data/   # .gpu_data/ is git-ignored
+#   git clone https://github.com/SJLeo/FFSD .gpu_data/ffsd_official   # unmodified official code, for compare_official.py
 # On the GPU machine (Python 3.12, jax 0.11 with CUDA, no network), from the repository root:
 #   OUT=/some/dir bash scripts/gpu_check.sh
 # What it measures goes under $OUT (at most 8 files come back from the device tool): summary.txt, versions.txt,
-# bench_resnet32.json, bench_resnet18.json, tests.log, and details.tar.gz (every log, metrics.jsonl, summary.json).
+# bench_resnet32.json, bench_resnet18.json, compare_official.json, tests.log, and details.tar.gz (every log,
+# metrics.jsonl, summary.json).
 #
 # Budget: GPU_CHECK_BUDGET_S (default 450 s) for the whole script. TINY=1 shrinks every size so the script can be
 # checked end to end on a CPU in a few minutes.
@@ -56,12 +58,15 @@ log "setup done"
 
 if [ -n "${TINY:-}" ]; then
   r32=(--config configs/smoke.py --batch_sizes 16,32 --steps 3 --warmup 1)
+  # The official part on the CPU (torch here is the CPU wheel): one small A/B round.
+  compare=(--device cpu --configs resnet32 --batch_size 16 --rounds 1 --steps 2 --warmup 1)
   r18=(--config configs/smoke.py --config.model=resnet_imagenet_tiny --config.image_size=64 --dtypes bfloat16
        --batch_sizes 16 --steps 3 --warmup 1)
   test_args=(tests/test_objective.py)
   train_overrides=(--config.model=resnet8_tiny --config.num_epochs=1 --config.max_steps=20 --config.eval_batch_size=500)
 else
   r32=(--config configs/cifar100_resnet32.py --batch_sizes 128,512 --steps 20 --warmup 3)
+  compare=(--device cuda --configs resnet32,resnet32:bfloat16,wrn16_2,densenet40 --rounds 3 --steps 10 --warmup 3)
   r18=(--config configs/imagenet_resnet18.py --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 3)
   test_args=(tests)
   train_overrides=(--config.num_epochs=15 --config.lr_boundaries='(8,12)' --config.eval_batch_size=1000)
@@ -72,6 +77,16 @@ timeout $(( $(left) > 240 ? 240 : $(left) )) python3 scripts/benchmark.py "${r32
   > "$DETAILS/bench_resnet32.log" 2>&1; log "bench resnet32 rc=$?"; grep '^#' "$DETAILS/bench_resnet32.log" | tee -a "$OUT/summary.txt"
 timeout $(( $(left) > 120 ? 120 : $(left) )) python3 scripts/benchmark.py "${r18[@]}" --output "$OUT/bench_resnet18.json" \
   > "$DETAILS/bench_resnet18.log" 2>&1; log "bench resnet18 rc=$?"; grep '^#' "$DETAILS/bench_resnet18.log" | tee -a "$OUT/summary.txt"
+
+# 2b. The official PyTorch iteration (SJLeo/FFSD's own Trainer.train_with_test) against the FFSD step, A/B in one run.
+official_src=${OFFICIAL_SRC:-.gpu_data/ffsd_official}
+if [ -f "$official_src/CIFARTrainer.py" ] && python3 -c 'import torch' 2>/dev/null; then
+  timeout $(( $(left) > 150 ? 150 : $(left) )) python3 scripts/compare_official.py --official_src "$official_src" \
+    "${compare[@]}" --output "$OUT/compare_official.json" > "$DETAILS/compare_official.log" 2>&1
+  log "compare_official rc=$?"; grep '^# [a-z]' "$DETAILS/compare_official.log" | tee -a "$OUT/summary.txt"
+else
+  log "compare_official skipped: no official checkout at $official_src or no torch"
+fi
 
 # 3. The test suite with the GPU as the default backend (tests that need 8 devices skip on a 1-GPU machine).
 if [ "$(left)" -gt 60 ]; then

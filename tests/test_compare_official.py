@@ -1,0 +1,57 @@
+"""scripts/compare_official.py: its project-side timing path (no torch) and its refusal of a bad official checkout."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+from ffsd_jax import studies
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def compare_official():
+  sys.path.insert(0, str(REPO_ROOT / 'scripts'))
+  try:
+    import compare_official as module  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return module
+
+
+def test_project_timer_runs_the_smoke_step(compare_official):
+  config = studies.load_config_file(str(REPO_ROOT / 'configs' / 'smoke.py'), str(REPO_ROOT))
+  run, facts = compare_official.project_timer(config, 'float32', 16)
+  times = run(2)
+  assert len(times) == 2 and all(t > 0 for t in times)
+  assert facts['model'] == 'resnet8_tiny' and facts['compile_s'] > 0
+  summary = compare_official.summarise(times)
+  assert summary['min_s'] <= summary['median_s'] <= summary['max_s'] and summary['n'] == 2
+
+
+def test_refuses_missing_or_unrecognised_checkout(compare_official, tmp_path, capsys):
+  with pytest.raises(compare_official.OfficialCheckoutError, match='is not a folder'):
+    compare_official.check_official_src(str(tmp_path / 'absent'))
+  (tmp_path / 'CIFARTrainer.py').write_text('class Trainer:\n  pass\n')
+  with pytest.raises(compare_official.OfficialCheckoutError, match='missing models/__init__.py'):
+    compare_official.check_official_src(str(tmp_path))
+  for name in compare_official._OFFICIAL_FILES[1:]:  # pylint: disable=protected-access
+    os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+    (tmp_path / name).write_text('')
+  with pytest.raises(compare_official.OfficialCheckoutError, match='no Trainer.train_with_test'):
+    compare_official.check_official_src(str(tmp_path))
+  # From the command line: exit status 2 and the reason, before torch or JAX are touched.
+  with pytest.raises(SystemExit) as exit_info:
+    compare_official.main(['--official_src', str(tmp_path / 'absent')])
+  assert exit_info.value.code == 2
+  assert 'compare_official: --official_src' in capsys.readouterr().err
+
+
+def test_config_specs(compare_official):
+  path, dtype = compare_official.parse_config_spec('resnet32:bfloat16')
+  assert path.endswith('configs/cifar100_resnet32.py') and dtype == 'bfloat16'
+  assert compare_official.parse_config_spec('wrn16_2')[1] == 'float32'
+  with pytest.raises(ValueError, match='no file'):
+    compare_official.parse_config_spec('no_such_net')
