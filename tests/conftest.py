@@ -29,6 +29,16 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def load_script(name: str):
+  """Imports `scripts/<name>.py` as a module (the scripts are not a package)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(REPO_ROOT / 'scripts'))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.pop(0)
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'multi_device: needs 8 devices of the default backend (8 simulated CPUs here)')
 

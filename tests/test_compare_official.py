@@ -2,10 +2,10 @@
 
 import os
 import pathlib
-import sys
 
 import pytest
 
+import conftest
 from ffsd_jax import studies
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -13,12 +13,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope='module')
 def compare_official():
-  sys.path.insert(0, str(REPO_ROOT / 'scripts'))
-  try:
-    import compare_official as module  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  return module
+  return conftest.load_script('compare_official')
 
 
 def test_project_timer_runs_the_smoke_step(compare_official):

@@ -14,6 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+import conftest
 from configs.default import get_config
 from ffsd_jax import data
 from ffsd_jax.data import augment
@@ -36,12 +37,7 @@ def _config(**overrides):
 
 
 def load_prepare_script():
-  sys.path.insert(0, str(REPO_ROOT / 'scripts'))
-  try:
-    import prepare_data  # pylint: disable=g-import-not-at-top
-  finally:
-    sys.path.pop(0)
-  return prepare_data
+  return conftest.load_script('prepare_data')
 
 
 # ------------------------------------------------------------------------------------------------------------------
