@@ -11,7 +11,6 @@ compiled or written, with one line per problem on stderr and exit status 2 (ffsd
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 
@@ -23,6 +22,7 @@ from ml_collections import config_flags
 from ffsd_jax import config_checks
 from ffsd_jax import export
 from ffsd_jax import official
+from ffsd_jax import run_record
 from ffsd_jax import train_loop
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).', lock_config=True)
@@ -41,23 +41,10 @@ _FORMAT = flags.DEFINE_enum('format', 'jax', ['jax', 'pytorch'],
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops Orbax's INFO chatter (several lines per save/restore) and the 3 warnings every read-only checkpoint
-  manager emits (eval and export open theirs read-only on purpose); its other warnings and errors still show."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if 'orbax' not in record.pathname:
-      return True
-    if record.levelno < std_logging.WARNING:
-      return False
-    message = record.getMessage()
-    return 'read_only=True' not in message and 'directory is read only' not in message
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  logging.get_absl_handler().addFilter(run_record.QuietOrbaxFilter())
   config = _CONFIG.value  # Loaded and validated by config_checks.parse_flags before main() runs.
   try:
     if _MODE.value == 'train':

@@ -6,13 +6,15 @@
 - `parameters.txt`: the full per-leaf parameter table (clu.parameter_overview); the console shows one line per network.
 
 The model FLOP utilisation (MFU) helpers live here too, so the training loop and scripts/benchmark.py share one peak
-table: FLOPs come from XLA's cost analysis of the compiled (partitioned, so per-device) step.
+table: FLOPs come from XLA's cost analysis of the compiled (partitioned, so per-device) step. So does the console's
+filter of Orbax's log chatter (`QuietOrbaxFilter`, installed by main.py).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging as std_logging
 import os
 import platform
 import socket
@@ -233,3 +235,20 @@ def write_parameter_table(workdir: str, params: Mapping[str, Any], title: str) -
   table = parameter_overview.get_parameter_overview(params, include_stats=False)
   checkpointing.write_file_atomically(path, f'{title}\n{table}\n'.encode())
   return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The console.
+
+
+class QuietOrbaxFilter(std_logging.Filter):
+  """Drops Orbax's INFO chatter (several lines per save/restore) and the 3 warnings every read-only checkpoint
+  manager emits (eval and export open theirs read-only on purpose); its other warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if 'orbax' not in record.pathname:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    message = record.getMessage()
+    return 'read_only=True' not in message and 'directory is read only' not in message

@@ -3,7 +3,6 @@ console of the smoke run, and the persistent compilation cache setting."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging as std_logging
 import os
@@ -171,8 +170,7 @@ def test_cache_setting_is_honoured(tmp_path, monkeypatch, restore_jax_cache):
 
 
 def test_main_drops_orbax_read_only_warnings_only():
-  main = importlib.import_module('main')
-  quiet = main._QuietOrbax()  # pylint: disable=protected-access
+  quiet = run_record.QuietOrbaxFilter()
   orbax_file = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
 
   def record(level, message, path=orbax_file):
