@@ -390,8 +390,12 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return _orbax_restore(manager, step, ocp.args.Composite(config=ocp.args.JsonRestore()), _UNREADABLE)['config']
 
 
-def check_architecture(manager: ocp.CheckpointManager, step: int, config: ml_collections.ConfigDict) -> None:
+def check_architecture(manager: ocp.CheckpointManager, step: int,
+                       config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Verifies the files of the checkpoint at `step`, then fails when it was written for another architecture.
+
+  Returns:
+    The config saved with the checkpoint (as `config_to_json` wrote it).
 
   Raises:
     CheckpointError: naming the corrupt file or the differing keys, the checkpoint path and the fix.
@@ -404,6 +408,7 @@ def check_architecture(manager: ocp.CheckpointManager, step: int, config: ml_col
     raise CheckpointError(
         f'The checkpoint {_step_path(manager, step)} belongs to another architecture ({details}). It was left '
         'untouched. Use another --workdir for this config, or the config that wrote the checkpoint.')
+  return saved
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,

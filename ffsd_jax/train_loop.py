@@ -288,9 +288,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       return finished
   if latest is not None:
     # Changes to the optimisation are refused (unless allowed) before anything is restored or written.
-    checkpointing.check_architecture(manager, latest, config)
+    saved_config = checkpointing.check_architecture(manager, latest, config)
     config_changes = config_checks.check_resume_config(
-        checkpointing.saved_config(manager, latest), checkpointing.config_to_json(config),
+        saved_config, checkpointing.config_to_json(config),
         allow_change=bool(config.get('allow_config_change', False)))
     state, iterator_state, loop_state = checkpointing.restore(manager, latest, abstract_state, config)
     _restored_state_guard(state, checkpointing.checkpoint_path(manager, latest))
@@ -464,7 +464,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       preempted = stop_request.requested if jax.process_count() == 1 else agreed_preemption
       if step % config.checkpoint_every_steps == 0 or step == total_steps or preempted:
         save(manager, step)
-      # Steps/s and the ETA measure training only: the time spent evaluating and saving is left out.
+      # Steps/s measure training only: the time spent evaluating and saving is left out (the ETA includes it).
       window_start_time += time.time() - io_start
       if preempted:
         logging.warning('Stopped at step %d after %s; the checkpoint is saved. Rerun the same command to resume.',
@@ -527,7 +527,8 @@ def _export_for_inference(config: ml_collections.ConfigDict, export_dir: str):
   from ffsd_jax import export  # pylint: disable=g-import-not-at-top  (export imports this module)
   config_checks.validate_config(config)
   run_record.setup_compilation_cache(config.get('jax_cache_dir'))
-  mesh, info, _, _, _, _ = _setup(config)
+  mesh = _mesh(config)  # No train state is needed: only the mesh and the dataset.
+  info = data_lib.get_dataset_info(config)
   metadata, variables = export.read_export(export_dir)
   saved = (metadata.get('model'), metadata.get('num_classes'), metadata.get('image_size'))
   if saved != (config.model, info.num_classes, info.image_size):
