@@ -1,0 +1,32 @@
+"""The CPU-sized accuracy study of docs/results.md: ResNet-8 on a 10,000-image CIFAR-10 subset, 20 epochs.
+
+The official recipe (299 epochs, ×0.1 at epochs 150 and 225, λ warm-up over 5 epochs) shrunk to what a 2-core CPU
+trains in minutes: the first 1,000 training images of each class of the real CIFAR-10 JPEGs
+(`../shared/data/cifar10-jpeg.tar.gz`), the full 10,000-image test set, 20 epochs with ×0.1 after epochs 10 and 15
+(the same 50% / 75% points), everything else the official defaults. Build the subset folder first (docs/results.md
+gives the commands), then:
+
+Run (three methods × three seeds, one after the other; rerun to resume):
+  python scripts/study.py run --configs configs/study_cifar10_1k_resnet8.py --methods ffsd,dml,independent \
+      --seeds 0,1,2 --root runs/study --config.image_folder=DATA/cifar10_1k
+  python scripts/study.py aggregate runs/study --csv runs/study/results.csv
+
+Expected: docs/results.md holds the measured table (leader top-1 per method, mean ± std over the seeds).
+"""
+
+from configs.default import get_config as get_default_config
+
+
+def get_config():
+  """CIFAR-10 subset (1,000 images per class) as an image folder, ResNet-8, 20 epochs."""
+  config = get_default_config()
+  config.model = 'resnet8'
+  config.dataset = 'image_folder'
+  config.normalization = 'cifar10'
+  config.num_classes = 10
+  config.num_epochs = 20
+  config.lr_boundaries = (10, 15)
+  config.eval_every_epochs = 2
+  config.log_every_steps = 39  # Twice per epoch (78 steps of 128).
+  config.checkpoint_every_steps = 390  # Every 5 epochs.
+  return config
