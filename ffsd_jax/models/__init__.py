@@ -5,6 +5,12 @@ parameters, a `dtype` field for the compute dtype, logits in float32, and taps a
 (docs/method.md §3). The last tap feeds the fusion module, the diversity shift and the trans-fusion head; the
 self-distillation decoder rebuilds every tap but the last from it.
 
+Taps are stage outputs: a backbone has `spec.num_taps` stages, stage k outputs tap k, stage 0 includes the stem and the
+head (pooling + classifier) follows the last stage. `create_backbone(..., stages=(start, stop))` builds a contiguous
+range of stages that takes tap start−1 (images when start is 0) and returns `(features, taps)` (`(logits, taps)` when
+stop is the last stage), with the full network's variable names, so methods can share a trunk between branches
+(ONE, OKDDip, PCL): `merge_stage_variables(trunk_variables, branch_variables)` is a full backbone's variables.
+
 The leader inside `FFSDModel` is a plain backbone, so `create_backbone(name, classes).apply({'params':
 params['leader'], 'batch_stats': batch_stats['leader']}, images, train=False)` evaluates it alone.
 """
@@ -12,12 +18,12 @@ params['leader'], 'batch_stats': batch_stats['leader']}, images, train=False)` e
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ffsd_jax.models import densenet, googlenet, resnet_cifar, resnet_imagenet, wide_resnet
+from ffsd_jax.models import densenet, googlenet, layers, resnet_cifar, resnet_imagenet, wide_resnet
 
 CIFAR_FAMILIES = ('cifar_resnet', 'wide_resnet', 'densenet', 'googlenet')
 IMAGENET_FAMILIES = ('imagenet_resnet',)
@@ -37,7 +43,7 @@ class BackboneSpec:
     default_num_classes: 100 (CIFAR-100) or 1000 (ImageNet); `param_count` is for this many classes.
     param_count: the parameter count (γ/β included, running stats excluded) at `default_num_classes`.
     aliases: other accepted spellings (the reference's `--model` names).
-    builder: the module class (or partial) taking `num_classes`, `dtype` and `name`.
+    builder: the module class (or partial) taking `num_classes`, `dtype`, `name` and `stages`.
   """
   name: str
   family: str
@@ -57,6 +63,7 @@ class BackboneSpec:
 
   @property
   def num_taps(self) -> int:
+    """The number of taps, which is also the number of stages: stage k outputs tap k (the `stages` unit)."""
     return len(self.tap_channels)
 
   @property
@@ -142,25 +149,64 @@ def get_spec(name: str) -> BackboneSpec:
   return BACKBONES[key]
 
 
-def create_backbone(model: str, num_classes: int, dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
-  """Build a backbone module.
+def create_backbone(model: str, num_classes: int, dtype: Any = jnp.float32, name: str | None = None,
+                    stages: Sequence[int] | None = None) -> nn.Module:
+  """Build a backbone module, or a contiguous range of its stages.
 
   Args:
     model: registry name or alias, e.g. 'resnet32', 'wideresnet1602'.
     num_classes: classifier width.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32, logits are float32.
     name: the Flax module name (e.g. 'leader' inside a parent module).
+    stages: None for the whole network, or (start, stop) with 0 <= start < stop <= `spec.num_taps`: stages start to
+      stop−1 only. Such a module takes images when start == 0, else tap start−1 of the full network; it returns
+      `(logits, taps)` when stop == num_taps, else `(features, taps)` (features == taps[-1]); taps are its own stages'
+      taps; its variables have the full network's names (see `merge_stage_variables`).
 
   Returns:
-    The module; `module.apply(variables, images, train=...)` returns `(logits, taps)`.
+    The module; `module.apply(variables, inputs, train=...)` returns `(logits or features, taps)`.
+
+  Raises:
+    ValueError: for an unknown model, a bad num_classes, or stages out of range (the message names the valid range).
   """
   spec = get_spec(model)
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f'num_classes must be a positive int; got {num_classes!r}.')
-  return spec.builder(num_classes=num_classes, dtype=dtype, name=name)
+  if stages is not None:
+    stages = layers.stage_range(stages, spec.num_taps, spec.name)
+  return spec.builder(num_classes=num_classes, dtype=dtype, name=name, stages=stages)
+
+
+def merge_stage_variables(*parts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Union the variables of stage-range modules, collection by collection, at the top level of each collection.
+
+  The variables of `create_backbone(m, c, stages=(0, k))` and `(k, n)` have disjoint top-level names, and merging
+  them gives exactly the variables of `create_backbone(m, c)`, e.g. to evaluate one branch of a shared trunk alone.
+
+  Args:
+    *parts: variable dicts such as `{'params': ..., 'batch_stats': ...}` (dicts or FrozenDicts).
+
+  Returns:
+    A new dict of plain dicts; the sub-trees themselves are shared with `parts`, not copied.
+
+  Raises:
+    ValueError: when two parts define the same top-level name in a collection; the message names them.
+  """
+  merged: dict[str, dict[str, Any]] = {}
+  owners: dict[tuple[str, str], int] = {}
+  for index, part in enumerate(parts):
+    for collection, tree in part.items():
+      target = merged.setdefault(collection, {})
+      for key, value in tree.items():
+        if key in target:
+          raise ValueError(f'merge_stage_variables: {collection}[{key!r}] is defined by both part '
+                           f'{owners[collection, key]} and part {index}; merged stage ranges must not overlap.')
+        target[key] = value
+        owners[collection, key] = index
+  return merged
 
 
 from ffsd_jax.models.ffsd import FFSDModel, leader_variables  # noqa: E402  (ffsd.py imports the registry above)
 
 __all__ = ['BACKBONES', 'BackboneSpec', 'FFSDModel', 'create_backbone', 'get_spec', 'leader_variables',
-           'valid_backbone_names']
+           'merge_stage_variables', 'valid_backbone_names']

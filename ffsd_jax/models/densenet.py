@@ -16,6 +16,9 @@ from ffsd_jax.models import layers
 
 ModuleDef = layers.ModuleDef
 
+# Dense blocks, i.e. stages (one tap each).
+NUM_DENSE_BLOCKS = 3
+
 
 class DenseLayer(nn.Module):
   """BN → ReLU → conv3x3(→growth, no bias), concatenated after the input on channels."""
@@ -46,6 +49,11 @@ class Transition(nn.Module):
 class DenseNet(nn.Module):
   """The reference `DenseNet` with its defaults (depth 40, growth 12, compression 1, no dropout).
 
+  Stage k is dense block k+1, preceded by the transition of block k (stage 0: by the stem); the final BN + ReLU belong
+  to the last stage (its tap is relu). With `stages=(start, stop)` the module is that contiguous range of stages (the
+  head follows the last stage): it takes images when start == 0, else tap start−1 of the full network, and returns
+  `(logits, taps)` when stop is the last stage, else `(features, taps)`; its variables keep the full network's names.
+
   Attributes:
     num_classes: classifier width.
     depth: network depth; (depth − 4) / 3 basic layers per dense block.
@@ -53,6 +61,7 @@ class DenseNet(nn.Module):
     compression: transition output = floor(channels · compression); 1 in the reference.
     dtype: compute dtype.
     arch: the registry name, used in error messages.
+    stages: (start, stop), a contiguous range of stages; None for the whole network.
   """
   num_classes: int
   depth: int = 40
@@ -62,25 +71,44 @@ class DenseNet(nn.Module):
   arch: str = 'densenet40'
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.BatchNorm
+  stages: tuple[int, int] | None = None
+
+  def tap_channels(self, stage: int) -> int:
+    """Channels of the tap of `stage` (the output of dense block stage+1, before any transition or final BN)."""
+    layers_per_block = (self.depth - 4) // 3
+    channels = 2 * self.growth_rate
+    for block in range(stage + 1):
+      if block > 0:
+        channels = int(channels * self.compression)
+      channels += layers_per_block * self.growth_rate
+    return channels
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    layers.check_cifar_input(x, self.arch)
     if (self.depth - 4) % 3:
       raise ValueError(f'DenseNet depth must be 3n+4 (e.g. 40); got {self.depth}.')
     layers_per_block = (self.depth - 4) // 3
+    start, stop = layers.stage_range(self.stages, NUM_DENSE_BLOCKS, self.arch)
     conv = layers.conv_factory(self.conv, self.dtype)
     norm = layers.norm_factory(self.norm, train, self.dtype)
-    x = conv(2 * self.growth_rate, (3, 3), padding=layers.torch_padding(3), name='conv1')(x.astype(self.dtype))
+    if start == 0:
+      layers.check_cifar_input(x, self.arch)
+      x = conv(2 * self.growth_rate, (3, 3), padding=layers.torch_padding(3), name='conv1')(x.astype(self.dtype))
+    else:
+      layers.check_stage_input(x, self.arch, start, self.tap_channels(start - 1), size=32 >> (start - 1))
+      x = x.astype(self.dtype)
     taps = []
-    for block in range(3):
+    for block in range(start, stop):
+      if block > 0:
+        # The transition sits after the previous block's tap (dense1, dense2), so it opens this stage.
+        x = Transition(int(x.shape[-1] * self.compression), conv=conv, norm=norm, name=f'trans{block}')(x)
       for index in range(layers_per_block):
         x = DenseLayer(self.growth_rate, conv=conv, norm=norm, name=f'dense{block + 1}_{index}')(x)
-      if block < 2:
-        taps.append(x)  # dense1, dense2
-        x = Transition(int(x.shape[-1] * self.compression), conv=conv, norm=norm, name=f'trans{block + 1}')(x)
-    x = nn.relu(norm(name='bn')(x))
-    taps.append(x)  # relu
+      if block == NUM_DENSE_BLOCKS - 1:
+        x = nn.relu(norm(name='bn')(x))
+      taps.append(x)  # dense1, dense2, relu
+    if stop < NUM_DENSE_BLOCKS:
+      return x, tuple(taps)
     logits = layers.classifier_logits(x, self.num_classes, dtype=self.dtype, name='fc')
     return logits, tuple(taps)
 

@@ -26,6 +26,15 @@ INCEPTION_FILTERS = {
     'b5': (384, 192, 384, 48, 128, 128),
 }
 
+# The Inception blocks of each stage; each stage's last block is its tap.
+STAGES = (('a3', 'b3'), ('a4', 'b4', 'c4', 'd4', 'e4'), ('a5', 'b5'))
+
+
+def inception_channels(name: str) -> int:
+  """Output channels of Inception block `name`: its four concatenated branches."""
+  n1x1, _, n3x3, _, n5x5, pool_planes = INCEPTION_FILTERS[name]
+  return n1x1 + n3x3 + n5x5 + pool_planes
+
 
 def _max_pool(x: jax.Array, strides: int) -> jax.Array:
   # PyTorch MaxPool2d(3, stride, padding=1) pads with −inf, as Flax's max_pool does.
@@ -65,30 +74,42 @@ class Inception(nn.Module):
 class GoogLeNet(nn.Module):
   """Pre-layer conv3x3(3→192) + BN + ReLU; a3 b3 | maxpool | a4 b4 c4 d4 e4 | maxpool | a5 b5; AvgPool(8); Linear.
 
+  Stage k is the k-th group of `STAGES` (stage 0 includes the pre-layer, stages 1 and 2 open with their max pool).
+  With `stages=(start, stop)` the module is that contiguous range of stages (the head follows the last stage): it
+  takes images when start == 0, else tap start−1 of the full network, and returns `(logits, taps)` when stop is the
+  last stage, else `(features, taps)`; its variables keep the full network's names.
+
   Attributes:
     num_classes: classifier width.
     dtype: compute dtype.
     arch: the registry name, used in error messages.
+    stages: (start, stop), a contiguous range of stages; None for the whole network.
   """
   num_classes: int
   dtype: jnp.dtype = jnp.float32
   arch: str = 'googlenet'
   norm: ModuleDef = nn.BatchNorm
+  stages: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    layers.check_cifar_input(x, self.arch)
+    start, stop = layers.stage_range(self.stages, len(STAGES), self.arch)
     norm = layers.norm_factory(self.norm, train, self.dtype)
     inception = lambda name: Inception(INCEPTION_FILTERS[name], norm=norm, dtype=self.dtype, name=name)
-    x = ConvBNReLU(192, 3, norm=norm, dtype=self.dtype, name='pre_layers')(x.astype(self.dtype))
-    x = inception('b3')(inception('a3')(x))
-    taps = [x]  # inception_b3: 480@32
-    x = _max_pool(x, 2)
-    for name in ('a4', 'b4', 'c4', 'd4', 'e4'):
-      x = inception(name)(x)
-    taps.append(x)  # inception_e4: 832@16
-    x = _max_pool(x, 2)
-    x = inception('b5')(inception('a5')(x))
-    taps.append(x)  # inception_b5: 1024@8
+    if start == 0:
+      layers.check_cifar_input(x, self.arch)
+      x = ConvBNReLU(192, 3, norm=norm, dtype=self.dtype, name='pre_layers')(x.astype(self.dtype))
+    else:
+      layers.check_stage_input(x, self.arch, start, inception_channels(STAGES[start - 1][-1]), size=32 >> (start - 1))
+      x = x.astype(self.dtype)
+    taps = []
+    for stage in range(start, stop):
+      if stage > 0:
+        x = _max_pool(x, 2)
+      for name in STAGES[stage]:
+        x = inception(name)(x)
+      taps.append(x)  # inception_b3: 480@32, inception_e4: 832@16, inception_b5: 1024@8
+    if stop < len(STAGES):
+      return x, tuple(taps)
     logits = layers.classifier_logits(x, self.num_classes, dtype=self.dtype, name='linear')
     return logits, tuple(taps)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+import numbers
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -140,3 +141,46 @@ def check_imagenet_input(images: jax.Array, model: str) -> None:
         f'{model} is an ImageNet-layout network and needs an input size that is a multiple of 32 and at least 64 '
         f'(expected 224x224 by default, giving taps 56/28/14/7); got {height}x{width} in shape '
         f'{tuple(images.shape)}. Resize/crop the images, e.g. to 224x224.')
+
+
+def stage_range(stages: Sequence[int] | None, num_stages: int, model: str) -> tuple[int, int]:
+  """Validate a backbone's `stages` attribute and return it as (start, stop); None means all stages.
+
+  Raises:
+    ValueError: unless `stages` is None or a pair of ints with 0 <= start < stop <= num_stages; the message names the
+      valid range.
+  """
+  if stages is None:
+    return 0, num_stages
+  valid = (f'{model} has {num_stages} stages (stage k outputs tap k; stage 0 includes the stem, the head follows '
+           f'stage {num_stages - 1}): stages must be None (all) or (start, stop) with 0 <= start < stop <= '
+           f'{num_stages}')
+  if (isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or len(stages) != 2
+      or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in stages)):
+    raise ValueError(f'{valid}; got {stages!r}.')
+  start, stop = int(stages[0]), int(stages[1])
+  if not 0 <= start < stop <= num_stages:
+    raise ValueError(f'{valid}; got {stages!r}.')
+  return start, stop
+
+
+def check_stage_input(features: jax.Array, model: str, start: int, channels: int, size: int | None = None) -> None:
+  """Raise a clear ValueError unless `features` looks like what stage `start - 1` of `model` outputs.
+
+  Checked before any layer is built, because a wrong channel count would otherwise silently initialise a different
+  parameter tree (e.g. an extra projection shortcut) instead of failing.
+
+  Args:
+    features: the input of a backbone built with stages=(start, stop), start > 0.
+    model: the registry name, for the message.
+    start: the first stage of the module.
+    channels: the channels of tap `start - 1`.
+    size: the spatial size of tap `start - 1` where it is fixed (CIFAR layout), else None.
+  """
+  shape = tuple(features.shape)
+  size_ok = size is None or (len(shape) == 4 and shape[1:3] == (size, size))
+  if len(shape) != 4 or shape[-1] != channels or not size_ok:
+    expected = f'(B, {size}, {size}, {channels})' if size is not None else f'(B, H, W, {channels})'
+    raise ValueError(
+        f'{model} built with stages starting at {start} takes the output of stage {start - 1} (tap {start - 1} of the '
+        f'full network), an NHWC map of shape {expected}; got shape {shape}. Only stages starting at 0 take images.')

@@ -44,12 +44,18 @@ class WideBasic(nn.Module):
 class WideResNet(nn.Module):
   """WRN-depth-k: conv3x3(3→16, bias), three stages of (depth−4)/6 blocks (widths 16k, 32k, 64k; strides 1, 2, 2).
 
+  The final BN + ReLU belong to the last stage (its tap is relu1). With `stages=(start, stop)` the module is that
+  contiguous range of stages (stage 0 includes the stem, the head follows the last stage): it takes images when
+  start == 0, else tap start−1 of the full network, and returns `(logits, taps)` when stop is the last stage, else
+  `(features, taps)`; its variables keep the full network's names.
+
   Attributes:
     depth: 16 or 40 in the reference; must satisfy (depth − 4) % 6 == 0.
     widen_factor: k.
     num_classes: classifier width.
     dtype: compute dtype.
     arch: the registry name, used in error messages.
+    stages: (start, stop), a contiguous range of stages; None for the whole network.
   """
   depth: int
   widen_factor: int
@@ -57,26 +63,34 @@ class WideResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   arch: str = 'wide_resnet'
   norm: ModuleDef = nn.BatchNorm
+  stages: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    layers.check_cifar_input(x, self.arch)
     if (self.depth - 4) % 6:
       raise ValueError(f'WRN depth must be 6n+4 (e.g. 16, 40); got {self.depth}.')
     blocks_per_stage = (self.depth - 4) // 6
     norm = layers.norm_factory(self.norm, train, self.dtype)
     widths = (16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor)
-    x = layers.biased_conv(16, 3, x.shape[-1], dtype=self.dtype, name='conv1')(x.astype(self.dtype))
+    num_stages = len(widths)
+    start, stop = layers.stage_range(self.stages, num_stages, self.arch)
+    if start == 0:
+      layers.check_cifar_input(x, self.arch)
+      x = layers.biased_conv(16, 3, x.shape[-1], dtype=self.dtype, name='conv1')(x.astype(self.dtype))
+    else:
+      layers.check_stage_input(x, self.arch, start, widths[start - 1], size=32 >> (start - 1))
+      x = x.astype(self.dtype)
     taps = []
-    for stage, width in enumerate(widths):
+    for stage in range(start, stop):
       for block in range(blocks_per_stage):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = WideBasic(width, norm=norm, dtype=self.dtype, strides=strides, name=f'layer{stage + 1}_{block}')(x)
-      if stage < 2:
-        taps.append(x)  # layer1, layer2: raw pre-activation sums (can be negative)
-    x = layers.norm_factory(self.norm, train, self.dtype, momentum=layers.WRN_FINAL_BN_MOMENTUM)(name='bn1')(x)
-    x = nn.relu(x)
-    taps.append(x)  # relu1
+        x = WideBasic(widths[stage], norm=norm, dtype=self.dtype, strides=strides, name=f'layer{stage + 1}_{block}')(x)
+      if stage == num_stages - 1:
+        x = layers.norm_factory(self.norm, train, self.dtype, momentum=layers.WRN_FINAL_BN_MOMENTUM)(name='bn1')(x)
+        x = nn.relu(x)
+      taps.append(x)  # layer1, layer2: raw pre-activation sums (can be negative); relu1
+    if stop < num_stages:
+      return x, tuple(taps)
     logits = layers.classifier_logits(x, self.num_classes, dtype=self.dtype, name='fc')
     return logits, tuple(taps)
 
