@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Networks (docs/method.md §1, §3).
   config.model = 'resnet32'
   config.num_students = 2
-  config.method = 'ffsd'  # 'ffsd' | 'dml' | 'independent'
+  config.method = 'ffsd'  # 'ffsd' | 'dml' | 'independent' | 'kdcl' | 'one' | 'pcl' (ffsd_jax/methods/)
   config.compute_dtype = 'float32'  # 'float32' | 'bfloat16'; parameters and loss math stay float32.
 
   # Data (docs/method.md §9). `dataset` is 'cifar100', 'cifar10', 'imagenet2012', 'image_folder' or 'synthetic'.
@@ -64,6 +64,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.lambda_fusion = 10.0
   config.lambda_self_distillation = 1000.0
   config.lambda_warmup_epochs = 5
+
+  # Newcomer methods' hyper-parameters (ffsd_jax/methods/kdcl.py, one.py, pcl.py), their papers' values; their
+  # experiment configs (configs/cifar100_resnet32_{kdcl,one,pcl}.py) also set the papers' schedules and num_students.
+  config.kdcl_teacher = 'minlogit'  # KDCL's ensemble teacher: 'minlogit' (KDCL-MinLogit) | 'naive' (KDCL-Naive).
+  config.kdcl_kl_weight = 1.0  # λ on each network's T²·KL(teacher ‖ network).
+  config.kdcl_temperature = 2.0
+  # ONE and PCL split `model` into a shared trunk of this many stages and `num_students` branches; None = all stages
+  # but the last (the official ONE ResNets branch the last stage).
+  config.one_shared_stages = config_dict.placeholder(int)
+  config.one_temperature = 3.0
+  config.one_rampup_epochs = 80  # The KL terms are scaled by exp(-5(1 - e/80)^2), e the 0-based epoch; 0 = off.
+  config.pcl_shared_stages = config_dict.placeholder(int)
+  config.pcl_temperature = 3.0
+  config.pcl_ema_decay = 0.999  # The peer mean teachers' EMA decay (min(1 - 1/t, decay) at update t).
+  config.pcl_rampup_epochs = 80  # The peer-mean KL terms are scaled by exp(-5(1 - e/80)^2); 0 = off.
 
   # Loop, logging and checkpoints.
   config.log_every_steps = 50

@@ -6,11 +6,11 @@ Two managers live in the workdir:
 - `checkpoints_best/`: one checkpoint, the train state at the epoch with the best leader top-1 (what the reference
   reports and deploys, docs/method.md §10).
 
-Each checkpoint holds four items: `state` (StandardSave of the whole `TrainState`), `data_iterator` (JSON: every
-process's iterator state, keyed by process index), `loop` (JSON: metric sums of the unfinished logging window, best
-leader top-1 so far) and `config` (JSON). Before any restore the saved config's architecture is compared with the
-current one, and a checkpoint that cannot be read fails with a message; nothing is ever deleted or overwritten on
-those paths (saving only happens after a successful restore or in an empty folder).
+Each checkpoint holds four items: `state` (StandardSave of the `TrainState`'s arrays by field name), `data_iterator`
+(JSON: every process's iterator state, keyed by process index), `loop` (JSON: metric sums of the unfinished logging
+window, best leader top-1 so far) and `config` (JSON). Before any restore the saved config's architecture is compared
+with the current one, and a checkpoint that cannot be read fails with a message; nothing is ever deleted or overwritten
+on those paths (saving only happens after a successful restore or in an empty folder).
 
 Integrity: once Orbax has committed a step (renamed its temporary folder into place), process 0 writes
 `<step>/ffsd_manifest.json`, the size and sha256 of every file of the step, in the manager's background finalize
@@ -42,7 +42,8 @@ LATEST_DIR = 'checkpoints'
 BEST_DIR = 'checkpoints_best'
 ITEM_NAMES = ('state', 'data_iterator', 'loop', 'config')
 # Config keys that must match between a checkpoint and the run restoring it (they fix the parameter tree).
-ARCHITECTURE_KEYS = ('model', 'method', 'num_students', 'num_classes')
+# The keys that shape the parameter tree (the shared trunk of ONE / PCL included).
+ARCHITECTURE_KEYS = ('model', 'method', 'num_students', 'num_classes', 'one_shared_stages', 'pcl_shared_stages')
 MANIFEST_FILE = 'ffsd_manifest.json'
 MANIFEST_FORMAT = 'ffsd_jax checkpoint manifest'
 # sha256 is the fastest hashlib digest on CPUs with SHA extensions (1.56 GB/s on one thread here, blake2b 1.07 GB/s;
@@ -301,13 +302,36 @@ def gather_iterator_states(local_state: dict[str, Any]) -> dict[str, Any]:
           for i in range(jax.process_count())}
 
 
+def _state_item(state: Any) -> Any:
+  """The train state as the checkpoint's `state` item: its array fields by name.
+
+  `extra_state` is left out when it holds no arrays (every method without extra state), so those checkpoints keep the
+  layout of the versions before `TrainState.extra_state` existed and both restore either way. Any other pytree is
+  saved as it is.
+  """
+  if not hasattr(state, 'opt_state'):  # Not a TrainState.
+    return state
+  item = {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state}
+  if jax.tree.leaves(state.extra_state):
+    item['extra_state'] = state.extra_state
+  return item
+
+
+def _restore_state_args(abstract_state: Any) -> ocp.args.StandardRestore:
+  return ocp.args.StandardRestore(_state_item(abstract_state))
+
+
+def _state_from_item(restored: Any, abstract_state: Any) -> Any:
+  return abstract_state.replace(**restored) if hasattr(abstract_state, 'opt_state') else restored
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, iterator_states: dict[str, Any],
          loop_state: dict[str, Any], config: ml_collections.ConfigDict) -> None:
   """Starts an asynchronous save of one checkpoint at `step` (overwrites nothing: a step is saved once)."""
   if step in manager.all_steps():
     return
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
+      state=ocp.args.StandardSave(_state_item(state)),
       data_iterator=ocp.args.JsonSave(iterator_states),
       loop=ocp.args.JsonSave(_to_json_compatible(loop_state)),
       config=ocp.args.JsonSave(config_to_json(config))), force=True)
@@ -424,7 +448,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   check_architecture(manager, step, config)
   path = _step_path(manager, step)
   restored = _orbax_restore(manager, step, ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
+      state=_restore_state_args(abstract_state),
       data_iterator=ocp.args.JsonRestore(),
       loop=ocp.args.JsonRestore()), _UNREADABLE)
   iterator_states = restored['data_iterator'] or {}
@@ -435,15 +459,16 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
         'processes.')
   local = iterator_states.get(str(jax.process_index()), {})
   logging.info('Restored checkpoint %s (step %d).', path, step)
-  return restored['state'], local, restored['loop'] or {}
+  return _state_from_item(restored['state'], abstract_state), local, restored['loop'] or {}
 
 
 def restore_state_only(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
                        config: ml_collections.ConfigDict) -> Any:
   """Restores only the train state (eval and export), after verifying the files and the architecture."""
   check_architecture(manager, step, config)
-  return _orbax_restore(manager, step, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)),
-                        _UNREADABLE)['state']
+  restored = _orbax_restore(manager, step, ocp.args.Composite(state=_restore_state_args(abstract_state)),
+                            _UNREADABLE)['state']
+  return _state_from_item(restored, abstract_state)
 
 
 def checkpoint_path(manager: ocp.CheckpointManager, step: int) -> str:

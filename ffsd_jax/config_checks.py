@@ -26,10 +26,10 @@ from typing import Any, Iterable, Mapping, NoReturn, Sequence
 from absl import flags
 import ml_collections
 
+from ffsd_jax import methods
 from ffsd_jax import models
 from ffsd_jax.data import normalization
 from ffsd_jax.data import sources
-from ffsd_jax.models.ffsd import METHODS
 from ffsd_jax.train_state import LR_SCHEDULES
 
 # train_state._compute_dtype accepts exactly these (it holds no constant to import).
@@ -58,12 +58,14 @@ OPTIMISATION_KEYS = frozenset({
     'weight_decay', 'fusion_weight_decay', 'decoder_weight_decay',
     'temperature', 'lambda_diversity', 'lambda_fusion', 'lambda_self_distillation', 'lambda_warmup_epochs',
     'compute_dtype', 'normalization', 'image_size', 'eval_resize_size', 'synthetic_num_eval_examples',
+    'kdcl_teacher', 'kdcl_kl_weight', 'kdcl_temperature', 'one_temperature', 'one_rampup_epochs',
+    'pcl_temperature', 'pcl_ema_decay', 'pcl_rampup_epochs',
 })
 # Keys whose change is refused elsewhere, with its own message: the architecture (checkpointing.ARCHITECTURE_KEYS,
 # checked before any restore) and what the data iterator's state records (dataset name, global batch size, seed,
 # number of training examples; only the last one yields to allow_config_change, in the data iterator).
 CHECKED_ELSEWHERE_KEYS = frozenset({
-    'model', 'method', 'num_students', 'num_classes',
+    'model', 'method', 'num_students', 'num_classes', 'one_shared_stages', 'pcl_shared_stages',
     'dataset', 'tfds_name', 'batch_size', 'seed', 'synthetic_num_train_examples',
 })
 FREE, OPTIMISATION, CHECKED_ELSEWHERE = 'free', 'optimisation', 'checked_elsewhere'
@@ -183,17 +185,18 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems.append(_line('lr_boundaries', boundaries, 'strictly increasing epochs >= 1 (or empty)',
                           "set --config.lr_boundaries='(150, 225)'"))
 
-  method_ok = _choice(problems, config, 'method', METHODS)
+  method_ok = _choice(problems, config, 'method', methods.method_names())
   _choice(problems, config, 'compute_dtype', COMPUTE_DTYPES)
   _choice(problems, config, 'lr_schedule', LR_SCHEDULES)
   _choice(problems, config, 'dataset', sources.ALL_DATASETS)
   _choice(problems, config, 'normalization', sorted(normalization.MEAN_STD), optional=True)
 
   if method_ok:
-    # FFSDModel: mutual learning between students needs two of them; 'independent' trains any number >= 1.
-    minimum = 1 if config.get('method') == 'independent' else 2
+    method = methods.method_class(config.get('method'))
+    minimum = method.min_students
     check_int('num_students', minimum, f'set --config.num_students=2 (method {config.get("method")!r} needs '
               f'>= {minimum})')
+    problems.extend(method(config).check_config())
 
   classes = _NUM_CLASSES.get(config.get('dataset'))
   check_int('num_classes', 2, f'set --config.num_classes={classes or "<the number of classes in the dataset>"}')

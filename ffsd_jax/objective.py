@@ -1,29 +1,21 @@
-"""The FFSD, DML and independent objectives (docs/method.md §6) and the λ warm-up.
+"""Loss primitives shared by the methods (docs/method.md §6), the λ warm-up and `ObjectiveResult`.
 
-Each term is computed in float32 whatever the compute dtype (docs/method.md §12.5). The objective returns the sum of the
-per-group losses: because every cross-group quantity is wrapped in `stop_gradient` exactly where §6 writes sg(·), the
-gradient of that sum with respect to one group's parameters equals the gradient of the group's own loss, which is what
-the official code's sequential per-optimizer updates compute (§7.3).
-
-Groups (the keys of `ObjectiveResult.group_losses`) and the top-level parameter keys each one trains:
-`student_i` → `student_i`; `leader` → `leader` and `trans_fusion`; `fusion` → `fusion`; `decoder_i` → `decoder_i`
-(the decoder of student i ≥ 1); `decoder_leader` → `decoder_leader`.
+Each term is computed in float32 whatever the compute dtype (docs/method.md §12.5). A method's objective
+(ffsd_jax/methods/) returns the sum of its per-group losses: because every cross-group quantity is wrapped in
+`stop_gradient` exactly where the method writes sg(·), the gradient of that sum with respect to one group's parameters
+equals the gradient of the group's own loss, which is what the official code's sequential per-optimizer updates compute
+(§7.3).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from ffsd_jax.attention import attention_map, diversity_shift, l2_normalize, normalized_distance
-
-METHODS = ('ffsd', 'dml', 'independent')
-
-# Top-level parameter keys trained by each loss group that is not a single key of the same name.
-GROUP_PARAM_KEYS = {'leader': ('leader', 'trans_fusion')}
 
 # exp(−WARMUP_SHARPNESS·(1 − e/E)²): the official code's `lambda_warmup` (docs/method.md §6.5).
 WARMUP_SHARPNESS = 5.0
@@ -51,11 +43,6 @@ class ObjectiveResult:
   total: jax.Array
   group_losses: dict[str, jax.Array]
   terms: dict[str, jax.Array]
-
-
-def group_param_keys(group: str) -> tuple[str, ...]:
-  """Top-level `params` keys trained by the loss group `group`."""
-  return GROUP_PARAM_KEYS.get(group, (group,))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -156,8 +143,8 @@ def lambda_scale(step: jax.Array | int, steps_per_epoch: int, warmup_epochs: int
 # Objectives.
 
 
-def _student_logit_terms(student_logits: Sequence[jax.Array], labels: jax.Array, temperature: float,
-                         with_kl: bool) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+def student_logit_terms(student_logits: Sequence[jax.Array], labels: jax.Array, temperature: float,
+                        with_kl: bool) -> tuple[list[jax.Array], dict[str, jax.Array]]:
   """CE and (optionally) the DML KL, (1/(m−1)) Σ_{j≠i} T²·KL_T(sg(z_j) ‖ z_i), per student."""
   num_students = len(student_logits)
   if with_kl and num_students < 2:
@@ -176,114 +163,10 @@ def _student_logit_terms(student_logits: Sequence[jax.Array], labels: jax.Array,
   return losses, terms
 
 
-def ffsd_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
-                   warmup: jax.Array | float = 1.0) -> ObjectiveResult:
-  """The full FFSD objective of docs/method.md §6 on the `FFSDModel` output dict.
-
-  Args:
-    outputs: `FFSDModel.__call__(images, train=True)` (docs/architecture.md).
-    labels: int labels (B,).
-    weights: the λ's and the temperature.
-    warmup: the λ warm-up factor of the current epoch; it scales λ_div, λ_f and λ_sd only.
-
-  Returns:
-    The total, the per-group losses and every term (raw, before λ, and weighted per group under '<group>/loss').
-  """
-  temperature = weights.temperature
-  warmup = jnp.asarray(warmup, jnp.float32)
-  lambda_diversity = weights.lambda_diversity * warmup
-  lambda_fusion = weights.lambda_fusion * warmup
-  lambda_self_distillation = weights.lambda_self_distillation * warmup
-
-  student_logits = tuple(outputs['student_logits'])
-  student_taps = tuple(outputs['student_taps'])
-  num_students = len(student_logits)
-  student_sd_targets = tuple(outputs['student_sd_targets'])
-  student_reconstructions = tuple(outputs['student_reconstructions'])
-  if len(student_sd_targets) != num_students - 1 or len(student_reconstructions) != num_students - 1:
-    raise ValueError(f'Expected {num_students - 1} student decoder outputs (one per student i >= 1), got '
-                     f'{len(student_sd_targets)} targets and {len(student_reconstructions)} reconstructions.')
-
-  # §6.1 common students.
-  group_losses: dict[str, jax.Array] = {}
-  student_losses, terms = _student_logit_terms(student_logits, labels, temperature, with_kl=True)
-  for i in range(num_students):
-    loss = student_losses[i]
-    if i >= 1:
-      diversity = diversity_loss(student_taps[i][-1], student_taps[i - 1][-1])
-      self_distillation = attention_self_distillation_loss(student_taps[i], student_sd_targets[i - 1])
-      terms[f'student_{i}/diversity'] = diversity
-      terms[f'student_{i}/sd'] = self_distillation
-      # Both diversity terms are weighted by λ_div (docs/method.md §6.1, §13.3).
-      loss = loss + lambda_diversity * (diversity + self_distillation)
-    group_losses[f'student_{i}'] = loss
-
-  # §6.2 fusion module: its input Z is detached by the model; the KL target z̄ is detached here.
-  fusion_logits = outputs['fusion_logits']
-  terms['fusion/ce'] = cross_entropy(fusion_logits, labels)
-  terms['fusion/kl'] = kl_divergence(fusion_logits, mean_logits(student_logits), temperature)
-  group_losses['fusion'] = terms['fusion/ce'] + terms['fusion/kl']
-
-  # §6.3 leader (+ trans-fusion head).
-  leader_logits = outputs['leader_logits']
-  leader_taps = tuple(outputs['leader_taps'])
-  fused = jax.lax.stop_gradient(outputs['fused'])
-  fusion_input = jax.lax.stop_gradient(outputs['fusion_input'])
-  terms['leader/ce'] = cross_entropy(leader_logits, labels)
-  terms['leader/kl'] = kl_divergence(leader_logits, fusion_logits, temperature)
-  terms['leader/fusion_attention'] = attention_distance(leader_taps[-1], fused)
-  terms['leader/trans_fusion'] = attention_distance(outputs['trans_fusion'], fusion_input)
-  terms['leader/sd'] = attention_self_distillation_loss(leader_taps, outputs['leader_sd_targets'])
-  # λ_f scales all three feature terms, the leader's SD term included (docs/method.md §6.3, §6.5).
-  group_losses['leader'] = (terms['leader/ce'] + terms['leader/kl'] + lambda_fusion * (
-      terms['leader/fusion_attention'] + terms['leader/trans_fusion'] + terms['leader/sd']))
-
-  # §6.4 decoders: inputs detached by the model, targets detached here.
-  for i in range(1, num_students):
-    reconstruction = reconstruction_loss(student_reconstructions[i - 1], student_taps[i])
-    terms[f'decoder_{i}/reconstruction'] = reconstruction
-    group_losses[f'decoder_{i}'] = lambda_self_distillation * reconstruction
-  reconstruction = reconstruction_loss(outputs['leader_reconstructions'], leader_taps)
-  terms['decoder_leader/reconstruction'] = reconstruction
-  group_losses['decoder_leader'] = lambda_self_distillation * reconstruction
-
-  return _finish(group_losses, terms, warmup)
-
-
-def dml_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
-                  warmup: jax.Array | float = 1.0) -> ObjectiveResult:
-  """DML baseline: the m common students with CE + mutual KL only (the first two lines of §6.1; §6.6)."""
-  student_losses, terms = _student_logit_terms(tuple(outputs['student_logits']), labels, weights.temperature,
-                                               with_kl=True)
-  group_losses = {f'student_{i}': loss for i, loss in enumerate(student_losses)}
-  return _finish(group_losses, terms, warmup)
-
-
-def independent_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
-                          warmup: jax.Array | float = 1.0) -> ObjectiveResult:
-  """Independent baseline: every network present (students, and the leader if any) with CE only."""
-  del weights
-  student_losses, terms = _student_logit_terms(tuple(outputs['student_logits']), labels, 0.0, with_kl=False)
-  group_losses = {f'student_{i}': loss for i, loss in enumerate(student_losses)}
-  if outputs.get('leader_logits') is not None:
-    terms['leader/ce'] = cross_entropy(outputs['leader_logits'], labels)
-    group_losses['leader'] = terms['leader/ce']
-  return _finish(group_losses, terms, warmup)
-
-
-OBJECTIVES = {'ffsd': ffsd_objective, 'dml': dml_objective, 'independent': independent_objective}
-
-
-def compute_objective(method: str, outputs: Mapping[str, Any], labels: jax.Array, weights: LossWeights,
-                      warmup: jax.Array | float = 1.0) -> ObjectiveResult:
-  """Dispatches on `method` ('ffsd', 'dml' or 'independent')."""
-  if method not in OBJECTIVES:
-    raise ValueError(f'Unknown method {method!r}; valid choices: {list(METHODS)}. Set config.method.')
-  return OBJECTIVES[method](outputs, labels, weights, warmup)
-
-
-def _finish(group_losses: dict[str, jax.Array], terms: dict[str, jax.Array], warmup: jax.Array | float
-            ) -> ObjectiveResult:
+def finish_objective(group_losses: dict[str, jax.Array], terms: dict[str, jax.Array], warmup: jax.Array | float
+                     ) -> ObjectiveResult:
+  """The `ObjectiveResult` of per-group losses and raw terms: adds '<group>/loss', 'loss/total' and 'lambda_scale'
+  (the warm-up factor the step used) to the terms, all float32; the total is the sum of the group losses."""
   terms = dict(terms)
   for group, loss in group_losses.items():
     terms[f'{group}/loss'] = loss

@@ -869,19 +869,19 @@ def init_leader_from(state: Any, source: str, model: str, num_classes: int, num_
 
 def export_official_from_workdir(config: Any, workdir: str, out_path: str | None = None,
                                  checkpoint: str = 'best') -> list[str]:
-  """`--mode export --format=pytorch`: the leader and trans-fusion head of a checkpoint in the official format.
+  """`--mode export --format=pytorch`: the deployed network of a checkpoint (FFSD's leader with its trans-fusion head)
+  in the official format.
 
   Writes `<out_path>.pth` and `<out_path>.safetensors` (default `workdir/export/modelleader_best`, the official file
   name); `epoch` is the number of completed epochs of the checkpoint's step, `num_batches_tracked` its step.
   """
   from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top  (the training stack, only here)
-  if config.get('method', 'ffsd') == 'dml':
-    raise OfficialFormatError('method "dml" trains no leader; the official format holds a leader.')
   state, step, _, _, info = train_loop.restore_for_inference(config, workdir, checkpoint)
   local = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-  leader = local({'params': state.params['leader'], 'batch_stats': state.batch_stats['leader']})
+  # The deployed network (the leader, or the method's own choice, e.g. student_0) is written as the official leader.
+  leader = local(train_loop.deployed_variables(state, config))
   trans = None
-  if 'trans_fusion' in state.params:
+  if train_loop.deployed_network(config) == 'leader' and 'trans_fusion' in state.params:
     trans = local({'params': state.params['trans_fusion'], 'batch_stats': state.batch_stats['trans_fusion']})
   steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
   out_path = out_path or os.path.join(workdir, 'export', 'modelleader_best')

@@ -36,7 +36,6 @@ from ffsd_jax import metric_writers
 SUMMARY_FILE = 'summary.json'
 CONFIG_FILE = 'config.json'
 SEED_DIR_PREFIX = 'seed'
-METHODS = ('ffsd', 'dml', 'independent')
 
 FINISHED = 'finished'  # summary.json with step == total_steps and not preempted.
 PREEMPTED = 'preempted'  # summary.json written on preemption (preempted: true).
@@ -563,7 +562,7 @@ def schedule_curves(config: Any, steps_per_epoch_: int, total_steps: int, max_po
                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """The learning rates and the λ warm-up factor the config trains with, without training.
 
-  Evaluated with the training code's own schedules (ffsd_jax.train_state, ffsd_jax.objective) at optimizer step
+  Evaluated with the training code's own schedules (ffsd_jax.train_state, `Method.warmup_factor`) at optimizer step
   counts c (at most `max_points` of them, evenly spaced, plus the steps around every epoch boundary so that steps
   in the schedule are drawn as steps); x is the epoch at the end of that step, (c + 1) / steps_per_epoch, as in the
   records.
@@ -573,7 +572,7 @@ def schedule_curves(config: Any, steps_per_epoch_: int, total_steps: int, max_po
   """
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from ffsd_jax import objective  # pylint: disable=g-import-not-at-top
+  from ffsd_jax import methods  # pylint: disable=g-import-not-at-top
   from ffsd_jax import train_state  # pylint: disable=g-import-not-at-top
   if isinstance(config, Mapping):
     config = ml_collections.ConfigDict(dict(config))
@@ -585,6 +584,6 @@ def schedule_curves(config: Any, steps_per_epoch_: int, total_steps: int, max_po
   curves = {}
   for name, schedule in train_state.learning_rate_schedules(config, steps_per_epoch_).items():
     curves[f'learning_rate/{name}'] = (epochs, np.asarray(jax.vmap(schedule)(counts), np.float64))
-  warmup = lambda c: objective.lambda_scale(c, steps_per_epoch_, int(config.lambda_warmup_epochs))
+  warmup = lambda c: methods.get_method(config).warmup_factor(c, steps_per_epoch_)
   curves['lambda_scale'] = (epochs, np.asarray(jax.vmap(warmup)(counts), np.float64))
   return curves

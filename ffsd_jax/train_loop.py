@@ -32,6 +32,7 @@ import numpy as np
 from ffsd_jax import checkpointing
 from ffsd_jax import config_checks
 from ffsd_jax import data as data_lib
+from ffsd_jax import methods
 from ffsd_jax import metric_writers
 from ffsd_jax import run_record
 from ffsd_jax import sharding
@@ -48,15 +49,14 @@ RUN_ERRORS = (checkpointing.CheckpointError, config_checks.ConfigError, state_gu
 
 
 def deployed_network(config: ml_collections.ConfigDict) -> str:
-  """The network that is tracked for the best checkpoint, evaluated alone and exported: the leader, or for 'dml'
-  (which trains only the students) student_0."""
-  return 'student_0' if config.method == 'dml' else 'leader'
+  """The network that is tracked for the best checkpoint, evaluated alone and exported (`Method.deployed_network`:
+  the leader for FFSD, student_0 for methods without one)."""
+  return methods.get_method(config).deployed_network
 
 
 def deployed_variables(state: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The deployed network's `{'params', 'batch_stats'}` from a train state: the variables of a complete backbone."""
-  network = deployed_network(config)
-  return {'params': state.params[network], 'batch_stats': state.batch_stats[network]}
+  return methods.get_method(config).deployed_variables(state.params, state.batch_stats, state.extra_state)
 
 
 class _StopRequest:

@@ -1,7 +1,9 @@
 """The functional train state, the per-group optimizers and the learning-rate schedules (docs/method.md §8).
 
-One `TrainState` holds every network's parameters, batch statistics and optimizer state. `optax.multi_transform`
-gives each group its own optimizer, as the reference does with one PyTorch optimizer per network:
+One `TrainState` holds every network's parameters, batch statistics, optimizer state and the method's extra state.
+`optax.multi_transform` gives each loss group its own optimizer, as the reference does with one PyTorch optimizer per
+network; the method (ffsd_jax/methods/) says which top-level parameter keys form each group and which optimizer it
+gets (`Method.param_group`, `Method.group_optimizer`). For FFSD:
 
 | group (top-level params keys) | optimizer | weight decay (coupled L2) | schedule |
 |---|---|---|---|
@@ -25,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from ffsd_jax.models.ffsd import FFSDModel
+from ffsd_jax import methods
 
 # The ImageNet trainer's per-iteration warm-up covers epochs 1..4 (`epoch < 5`, 1-based), docs/method.md §8.3.
 IMAGENET_WARMUP_EPOCHS = 5
@@ -41,12 +43,14 @@ class TrainState(flax.struct.PyTreeNode):
     params: the `FFSDModel` parameters (top-level keys per network, docs/architecture.md).
     batch_stats: the batch-norm running statistics, same top-level keys.
     opt_state: the `optax.multi_transform` state of `tx`.
+    extra_state: the method's state beside the parameters (`Method.init_extra_state`; empty for most methods).
     tx: the optimizer (static).
   """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: optax.OptState
+  extra_state: Any
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
   def apply_gradients(self, grads: Any, batch_stats: Any) -> 'TrainState':
@@ -63,9 +67,8 @@ def _compute_dtype(name: str):
 
 
 def create_model(config: ml_collections.ConfigDict):
-  """The `FFSDModel` of `config.model`, `config.num_classes`, `config.num_students`, `config.method`."""
-  return FFSDModel(backbone=config.model, num_classes=config.num_classes, num_students=config.num_students,
-                   method=config.method, dtype=_compute_dtype(config.compute_dtype))
+  """The parent module of every network of `config.method` (`Method.build_model`) in `config.compute_dtype`."""
+  return methods.get_method(config).build_model(_compute_dtype(config.compute_dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -152,35 +155,30 @@ def adam_coupled_l2(schedule: optax.Schedule, weight_decay: float) -> optax.Grad
                      optax.scale_by_learning_rate(schedule))
 
 
-def param_group(top_level_key: str) -> str:
-  """The optimizer group of a top-level params key (the trans-fusion head belongs to the leader)."""
-  if top_level_key == 'trans_fusion':
-    return 'leader'
-  if top_level_key.startswith('student_') or top_level_key in ('leader', 'fusion') or top_level_key.startswith(
-      'decoder_'):
-    return top_level_key
-  raise ValueError(f'Unknown top-level parameter key {top_level_key!r}: expected student_i, leader, trans_fusion, '
-                   'fusion or decoder_*.')
-
-
-def param_labels(params: Any) -> dict[str, Any]:
-  """The `multi_transform` labels: every leaf under a top-level key gets that key's group."""
-  return {key: jax.tree.map(lambda _, g=param_group(key): g, subtree) for key, subtree in params.items()}
+def param_labels(method: methods.Method, params: Any) -> dict[str, Any]:
+  """The `multi_transform` labels: every leaf under a top-level key gets that key's loss group."""
+  return {key: jax.tree.map(lambda _, g=method.param_group(key): g, subtree) for key, subtree in params.items()}
 
 
 def create_optimizer(config: ml_collections.ConfigDict, params: Any,
                      steps_per_epoch: int) -> optax.GradientTransformation:
-  """One optimizer per group present in `params` (docs/method.md §8.1), combined with `optax.multi_transform`."""
+  """One optimizer per loss group present in `params` (`Method.group_optimizer`), combined with `multi_transform`."""
+  method = methods.get_method(config)
   schedules = learning_rate_schedules(config, steps_per_epoch)
   transforms = {}
-  for group in sorted({param_group(key) for key in params}):
-    if group.startswith('decoder_'):
-      transforms[group] = adam_coupled_l2(schedules['decoders'], config.decoder_weight_decay)
-    elif group == 'fusion':
-      transforms[group] = sgd_coupled_l2(schedules['networks'], config.momentum, config.fusion_weight_decay)
+  for group in sorted({method.param_group(key) for key in params}):
+    spec = method.group_optimizer(group)
+    if spec.kind == 'adam':
+      transforms[group] = adam_coupled_l2(schedules[spec.schedule], spec.weight_decay)
     else:
-      transforms[group] = sgd_coupled_l2(schedules['networks'], config.momentum, config.weight_decay)
-  return optax.multi_transform(transforms, param_labels)
+      transforms[group] = sgd_coupled_l2(schedules[spec.schedule], config.momentum, spec.weight_decay)
+  return optax.multi_transform(transforms, lambda tree: param_labels(method, tree))
+
+
+def group_schedules(config: ml_collections.ConfigDict, params: Any) -> tuple[str, ...]:
+  """The learning-rate schedules ('networks', 'decoders') that the loss groups of `params` use, sorted."""
+  method = methods.get_method(config)
+  return tuple(sorted({method.group_optimizer(method.param_group(key)).schedule for key in params}))
 
 
 def init_variables(config: ml_collections.ConfigDict, model: Any, rng: jax.Array) -> dict[str, Any]:
@@ -195,8 +193,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.A
   """A fresh `TrainState`; pure, so it can run under `jax.jit(..., out_shardings=...)` and `jax.eval_shape`."""
   variables = init_variables(config, model, rng)
   tx = create_optimizer(config, variables['params'], steps_per_epoch)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                    batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']), tx=tx)
+  extra_state = methods.get_method(config).init_extra_state(variables['params'], variables['batch_stats'])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'], batch_stats=variables['batch_stats'],
+                    opt_state=tx.init(variables['params']), extra_state=extra_state, tx=tx)
 
 
 def current_learning_rates(config: ml_collections.ConfigDict, steps_per_epoch: int

@@ -1,12 +1,13 @@
 """The functional training step and the evaluation steps (docs/method.md §7, §10).
 
 `make_train_step` returns a PURE, un-jitted `train_step(state, batch) -> (state, metrics)`; the training loop jits it
-with its shardings and buffer donation (`jit_train_step` is a single-device convenience). One train-mode call of
-`FFSDModel` runs every forward pass of an iteration of the official code, the objective puts `stop_gradient` where
-§7.2 lists it, and one `jax.value_and_grad` over the whole parameter tree gives each group its own gradient, which
+with its shardings and buffer donation (`jit_train_step` is a single-device convenience). Everything method-specific
+comes from the method object (ffsd_jax/methods/): one train-mode call of its model runs every forward pass of an
+iteration (for FFSD, of the official code), its objective puts `stop_gradient` where the method detaches, and one
+`jax.value_and_grad` over the whole parameter tree gives each loss group its own gradient, which
 `optax.multi_transform` hands to that group's optimizer (§7.3 explains why this equals the official code's
-sequential updates). The λ warm-up factor is computed inside the step from `state.step`, so it needs no host value
-and no recompilation.
+sequential updates). Warm-ups are computed inside the step from `state.step`, so they need no host value and no
+recompilation.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from ffsd_jax import objective
+from ffsd_jax import methods
 from ffsd_jax import sharding
 from ffsd_jax.models import create_backbone
 from ffsd_jax.data.normalization import normalize_images
-from ffsd_jax.train_state import TrainState, current_learning_rates, param_group
+from ffsd_jax.train_state import TrainState, current_learning_rates, group_schedules
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -42,27 +43,11 @@ def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(indices == labels[:, None], axis=-1)
 
 
-def network_logits(outputs: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """Every network's logits by metric name: student_i, leader, fusion and the logit-mean student ensemble.
-
-  'ensemble' is the argmax of the mean of the students' logits (a real ensemble, not the reference's oracle
-  "any student correct" rate, docs/method.md §10, §13.13); it is present when there are at least 2 students.
-  """
-  logits = {f'student_{i}': z for i, z in enumerate(outputs['student_logits'])}
-  if outputs.get('leader_logits') is not None:
-    logits['leader'] = outputs['leader_logits']
-  if outputs.get('fusion_logits') is not None:
-    logits['fusion'] = outputs['fusion_logits']
-  if len(outputs['student_logits']) >= 2:
-    logits['ensemble'] = objective.mean_logits(outputs['student_logits'])
-  return {name: z.astype(jnp.float32) for name, z in logits.items()}
-
-
-def _group_norms(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """L2 norm of each optimizer group's leaves (the trans-fusion head counted with the leader)."""
+def _group_norms(method: methods.Method, tree: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """L2 norm of each loss group's leaves (for FFSD, the trans-fusion head counted with the leader)."""
   squares: dict[str, jax.Array] = {}
   for key, subtree in tree.items():
-    group = param_group(key)
+    group = method.param_group(key)
     total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(subtree))
     squares[group] = squares.get(group, 0.0) + total
   return {group: jnp.sqrt(value) for group, value in squares.items()}
@@ -74,8 +59,8 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
   """Builds the pure training step for `config.method`.
 
   Args:
-    model: the `FFSDModel` of `create_model(config)`.
-    config: the experiment config (method, temperature, λ's, lambda_warmup_epochs, compute_dtype, schedules).
+    model: the method's model, `train_state.create_model(config)`.
+    config: the experiment config (method and its hyper-parameters, compute_dtype, schedules).
     steps_per_epoch: optimizer steps per epoch (sets the λ warm-up epochs and the lr boundaries).
     mean_std: the dataset's normalisation constants.
 
@@ -84,36 +69,30 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     metrics is a flat dict of float32 scalars (every loss term, per-group losses, training top-1 per network,
     lambda_scale, learning rates, gradient norms and 'nonfinite').
   """
-  method = config.method
-  if method not in objective.METHODS:
-    raise ValueError(f'Unknown method {method!r}; valid choices: {list(objective.METHODS)}. Set config.method.')
-  weights = objective.LossWeights.from_config(config)
-  warmup_epochs = int(config.lambda_warmup_epochs)
+  method = methods.get_method(config)
   dtype = _compute_dtype(config)
   learning_rates = current_learning_rates(config, steps_per_epoch)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     images = normalize_images(batch['image'], mean_std, dtype)
     labels = batch['label'].astype(jnp.int32)
-    lambda_scale = objective.lambda_scale(state.step, steps_per_epoch, warmup_epochs)
 
     def loss_fn(params):
-      outputs, mutated = model.apply({'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-                                     mutable=['batch_stats'])
-      result = objective.compute_objective(method, outputs, labels, weights, lambda_scale)
-      return result.total, (mutated['batch_stats'], result.terms, network_logits(outputs))
+      outputs, batch_stats = method.apply_train(model, params, state.batch_stats, state.extra_state, images)
+      result = method.objective(outputs, labels, state.step, steps_per_epoch)
+      return result.total, (batch_stats, result.terms, method.network_logits(outputs))
 
     (_, (batch_stats, terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads, batch_stats)
+    new_state = new_state.replace(extra_state=method.update_extra_state(
+        state.extra_state, new_state.params, new_state.batch_stats, new_state.step))
 
     metrics: Metrics = dict(terms)
     for name, z in logits.items():
       metrics[f'accuracy/{name}'] = jnp.mean(_top1_correct(z, labels).astype(jnp.float32))
     lrs = learning_rates(state.step)
-    if not any(param_group(key).startswith('decoder_') for key in state.params):
-      lrs.pop('learning_rate/decoders')
-    metrics.update(lrs)
-    grad_norms = _group_norms(grads)
+    metrics.update({f'learning_rate/{name}': lrs[f'learning_rate/{name}'] for name in group_schedules(config, grads)})
+    grad_norms = _group_norms(method, grads)
     for group, norm in grad_norms.items():
       metrics[f'grad_norm/{group}'] = norm
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -166,25 +145,26 @@ def make_eval_step(model: Any, config: ml_collections.ConfigDict,
   """Builds `eval_step(state, batch) -> sums` over the masked batch (int32).
 
   Keys: 'count', and 'correct/<net>' / 'correct_top5/<net>' (int32) and 'cross_entropy/<net>' (float32 sum) for
-  every network present: student_i, leader, fusion (on the students' eval-mode features) and ensemble (the mean of
-  the students' logits).
+  every network the method evaluates (`Method.eval_logits`; for FFSD: student_i, leader, fusion on the students'
+  eval-mode features, and ensemble, the mean of the students' logits).
   """
+  method = methods.get_method(config)
   dtype = _compute_dtype(config)
 
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     images = normalize_images(batch['image'], mean_std, dtype)
-    outputs = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
-    return _correct_sums(network_logits(outputs), batch['label'].astype(jnp.int32), _mask(batch))
+    logits = method.eval_logits(model, state.params, state.batch_stats, state.extra_state, images)
+    return _correct_sums(logits, batch['label'].astype(jnp.int32), _mask(batch))
 
   return eval_step
 
 
 def make_leader_eval_step(config: ml_collections.ConfigDict, mean_std: tuple[tuple[float, ...], tuple[float, ...]]
                           ) -> Callable[[Mapping[str, Any], Batch], dict[str, jax.Array]]:
-  """Builds `fn(leader_variables, batch) -> sums` that runs ONLY the leader backbone.
+  """Builds `fn(leader_variables, batch) -> sums` that runs ONLY the deployed backbone (the leader for FFSD).
 
-  `leader_variables` = {'params': params['leader'], 'batch_stats': batch_stats['leader']}. Keys: 'count',
-  'correct/leader', 'correct_top5/leader', 'cross_entropy/leader'.
+  `leader_variables` = `Method.deployed_variables(...)`, one complete backbone's {'params', 'batch_stats'}. Keys:
+  'count', 'correct/leader', 'correct_top5/leader', 'cross_entropy/leader'.
   """
   backbone = create_backbone(config.model, config.num_classes, _compute_dtype(config))
   dtype = _compute_dtype(config)

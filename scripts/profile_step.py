@@ -35,12 +35,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ffsd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from ffsd_jax import methods
 from ffsd_jax import sharding as sharding_lib
 from ffsd_jax import train_state as train_state_lib
 from ffsd_jax import train_step as train_step_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
-_METHOD = flags.DEFINE_enum('method', None, ['ffsd', 'dml', 'independent'], 'Method (default: the config\'s).')
+_METHOD = flags.DEFINE_enum('method', None, list(methods.method_names()), 'Method (default: the config\'s).')
 _STEPS = flags.DEFINE_integer('steps', 2, 'Profiled steps (after one warm-up step).')
 _TOP = flags.DEFINE_integer('top', 20, 'Rows in each table.')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', None, 'Where the trace is written (default: a new temporary folder).')

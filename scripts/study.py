@@ -21,6 +21,7 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from ffsd_jax import methods  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ffsd_jax import studies  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -50,8 +51,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path}: no such config file.')
   seeds = [int(s) for s in args.seeds.split(',') if s]
-  methods = [m for m in args.methods.split(',') if m]
-  runs = studies.plan_study(args.configs, methods, seeds, args.root)
+  method_names = [m for m in args.methods.split(',') if m]
+  runs = studies.plan_study(args.configs, method_names, seeds, args.root)
   python, main_py = _short_path(sys.executable), _short_path(os.path.join(REPO_ROOT, 'main.py'))
   if args.print:
     for run in runs:
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
   run = commands.add_parser('run', allow_abbrev=False, help='train (or --print the commands of) a study',
                             description='Unknown --config.KEY=VALUE arguments are passed to every main.py run.')
   run.add_argument('--configs', nargs='+', required=True, help='config files (configs/*.py)')
-  run.add_argument('--methods', default=','.join(studies.METHODS), help='comma-separated methods')
+  run.add_argument('--methods', default=','.join(methods.method_names()),
+                   help='comma-separated methods (default: every registered method)')
   run.add_argument('--seeds', default='0,1,2', help='comma-separated seeds')
   run.add_argument('--root', required=True, help='study root: ROOT/<config name>/<method>/seed<k>')
   run.add_argument('--print', action='store_true', help='print the commands instead of running them')

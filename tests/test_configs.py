@@ -11,7 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from ffsd_jax import models
+from ffsd_jax import methods, models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO_ROOT / 'configs').glob('*.py') if p.name != '__init__.py')
@@ -24,7 +24,7 @@ def test_config_loads_with_a_valid_model(path):
   flag_values(['prog'])
   config = flag_values.config
   spec = models.get_spec(config.model)
-  assert config.method in ('ffsd', 'dml', 'independent')
+  assert config.method in methods.method_names()
   assert config.image_size == spec.input_size or config.dataset == 'synthetic'
   assert config.num_classes == {'cifar100': 100, 'cifar10': 10, 'imagenet2012': 1000}.get(config.dataset,
                                                                                           config.num_classes)

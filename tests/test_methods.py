@@ -1,6 +1,7 @@
-"""FFSD, DML and independent reproduce committed golden values: metrics and every parameter over 3 steps.
+"""The method registry: FFSD, DML and independent reproduce committed golden values (metrics and every parameter over
+3 steps), and no module outside ffsd_jax/methods/ tests a method's name.
 
-The golden file `tests/golden/methods_3_steps.json` was written by this module (`python tests/test_methods_golden.py`)
+The golden file `tests/golden/methods_3_steps.json` was written by this module (`python tests/test_methods.py`)
 from the code before the methods moved onto `ffsd_jax.methods` (commit recorded in the file), so any change of
 arithmetic in a refactor shows up here. It holds every metric of every step and, per leaf of params and batch_stats,
 its sha256 and three float64 statistics, all under the test suite's XLA flags (conftest.py).
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -27,7 +29,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 from configs import default  # pylint: disable=g-import-not-at-top
-from ffsd_jax import train_state, train_step  # pylint: disable=g-import-not-at-top
+from ffsd_jax import methods, train_state, train_step  # pylint: disable=g-import-not-at-top
 from ffsd_jax.data.normalization import CIFAR100_MEAN_STD  # pylint: disable=g-import-not-at-top
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / 'golden' / 'methods_3_steps.json'
@@ -107,6 +109,19 @@ def test_golden_file_covers_three_steps_of_every_method(golden):
     assert len({m['loss/total'] for m in metrics}) == STEPS, method
   assert 'leader/fusion_attention' in golden['methods']['ffsd']['metrics'][0]
   assert not any(key.startswith("['leader']") for key in golden['methods']['dml']['params'])
+
+
+def test_no_module_outside_methods_tests_a_method_name():
+  root = pathlib.Path(__file__).resolve().parents[1]
+  names = '|'.join(methods.method_names())
+  # `== 'dml'`, `!= "ffsd"`, `in ('ffsd', ...)`, `.method == ...`: every way of branching on a name.
+  pattern = re.compile(rf"""(==|!=)\s*['"]({names})['"]|['"]({names})['"]\s*(==|!=)|\bin\s*[(\[{{]\s*['"]({names})['"]""")
+  files = [root / 'main.py', *sorted((root / 'scripts').glob('*.py')),
+           *sorted(p for p in (root / 'ffsd_jax').rglob('*.py') if 'methods' not in p.relative_to(root).parts)]
+  found = [f'{p.relative_to(root)}:{n}: {line.strip()}' for p in files
+           for n, line in enumerate(p.read_text().splitlines(), start=1) if pattern.search(line)]
+  assert found == []
+  assert pattern.search("if config.method == 'dml':") and pattern.search("method in ('ffsd', 'dml')")
 
 
 if __name__ == '__main__':

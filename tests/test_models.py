@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffsd_jax import models
+from configs import default
+from ffsd_jax import methods, models
 from ffsd_jax.attention import diversity_shifted_feature
 from ffsd_jax.models import heads, layers
 from ffsd_jax.models.resnet_cifar import BasicBlock
@@ -311,7 +312,9 @@ FFSD_KEYS = {'student_logits', 'student_taps', 'leader_logits', 'leader_taps', '
     ('independent', 1, ['leader', 'student_0']),
 ])
 def test_ffsd_model_tree_and_output_shapes(method, num_students, expected):
-  model = models.FFSDModel('resnet8_tiny', 10, num_students=num_students, method=method)
+  config = default.get_config()
+  config.update(model='resnet8_tiny', num_classes=10, num_students=num_students, method=method)
+  model = methods.get_method(config).build_model(jnp.float32)
   images = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(KEY, x), images)
   assert sorted(variables['params']) == expected
@@ -322,12 +325,12 @@ def test_ffsd_model_tree_and_output_shapes(method, num_students, expected):
   assert len(out['student_logits']) == num_students
   assert all(logits.shape == (4, 10) for logits in out['student_logits'])
   assert all(tuple(t.shape for t in student) == taps for student in out['student_taps'])
-  if method == 'dml':
+  if 'leader' not in expected:
     assert set(out) == {'student_logits', 'student_taps'}
     assert set(eval_out) == {'student_logits'}
     return
   assert out['leader_logits'].shape == (4, 10) and tuple(t.shape for t in out['leader_taps']) == taps
-  if method == 'independent':
+  if 'fusion' not in expected:
     assert set(out) == {'student_logits', 'student_taps', 'leader_logits', 'leader_taps'}
     assert set(eval_out) == {'student_logits', 'leader_logits'}
     return
@@ -460,14 +463,14 @@ def test_channel_mismatch_fails_clearly():
 
 def test_bad_method_or_student_count_fails_clearly():
   with pytest.raises(ValueError, match='valid choices: ffsd, dml, independent'):
-    models.FFSDModel('resnet32', 100, method='kd')
-  with pytest.raises(ValueError, match='num_students >= 2'):
+    methods.method_class('kd')
+  with pytest.raises(ValueError, match='with a fusion module needs num_students >= 2'):
     models.FFSDModel('resnet32', 100, num_students=1)
-  with pytest.raises(ValueError, match='num_students >= 2'):
-    models.FFSDModel('resnet32', 100, num_students=1, method='dml')
+  with pytest.raises(ValueError, match='needs with_leader=True'):
+    models.FFSDModel('resnet32', 100, with_leader=False)
   with pytest.raises(ValueError, match='num_students >= 1'):
-    models.FFSDModel('resnet32', 100, num_students=0, method='independent')
-  models.FFSDModel('resnet32', 100, num_students=1, method='independent')
+    models.FFSDModel('resnet32', 100, num_students=0, with_fusion=False)
+  models.FFSDModel('resnet32', 100, num_students=1, with_fusion=False)
   with pytest.raises(ValueError, match='no leader'):
     models.leader_variables({'params': {'student_0': {}}})
   with pytest.raises(ValueError, match='num_classes'):

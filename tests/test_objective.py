@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ffsd_jax import attention, objective
+from configs import default
+from ffsd_jax import attention, methods, objective
+from ffsd_jax.methods import ffsd as ffsd_method
 
 # ----------------------------------------------------------------------------------------------------------------------
 # NumPy reference implementations, written from docs/method.md (float64, explicit loops where it is element-wise).
@@ -295,7 +297,7 @@ def test_ffsd_objective_matches_numpy(num_students):
   weights = objective.LossWeights(temperature=2.0, lambda_diversity=0.3, lambda_fusion=10.0,
                                   lambda_self_distillation=1000.0)
   warmup = 0.1653
-  result = objective.ffsd_objective(outputs, labels, weights, warmup)
+  result = ffsd_method.ffsd_objective(outputs, labels, weights, warmup)
   expected = np_ffsd(outputs, labels, 2.0, 0.3, 10.0, 1000.0, warmup)
   assert sorted(result.group_losses) == sorted(expected)
   for group, value in expected.items():
@@ -318,19 +320,25 @@ def test_dml_and_independent_objectives_match_numpy():
   rng = np.random.default_rng(11)
   outputs = _synthetic_outputs(rng, num_students=3)
   labels = rng.integers(0, 7, size=4).astype(np.int32)
-  weights = objective.LossWeights()
   z = outputs['student_logits']
-  dml = objective.compute_objective('dml', {'student_logits': z}, labels, weights, 0.5)
+
+  def method_objective(name, method_outputs):
+    config = default.get_config()
+    config.method = name
+    return methods.get_method(config).objective(method_outputs, labels, step=7, steps_per_epoch=10)
+
+  dml = method_objective('dml', {'student_logits': z})
   for i in range(3):
     expected = np_ce(z[i], labels) + sum(np_kl(z[i], z[j], 2.0) for j in range(3) if j != i) / 2
     close(dml.group_losses[f'student_{i}'], expected)
   assert sorted(dml.group_losses) == ['student_0', 'student_1', 'student_2']
-  independent = objective.compute_objective(
-      'independent', {'student_logits': z, 'leader_logits': outputs['leader_logits']}, labels, weights)
+  independent = method_objective('independent', {'student_logits': z, 'leader_logits': outputs['leader_logits']})
   assert sorted(independent.group_losses) == ['leader', 'student_0', 'student_1', 'student_2']
   close(independent.group_losses['leader'], np_ce(outputs['leader_logits'], labels))
   close(independent.total, sum(np_ce(l, labels) for l in z) + np_ce(outputs['leader_logits'], labels))
-  with pytest.raises(ValueError, match="valid choices: \\['ffsd', 'dml', 'independent'\\]"):
-    objective.compute_objective('kd', outputs, labels, weights)
+  # Neither scales a term by the λ warm-up, but both report its factor (step 7 of 10: epoch 1 of 5).
+  close(dml.terms['lambda_scale'], np.exp(-5 * (1 - 1 / 5)**2))
+  with pytest.raises(ValueError, match='Unknown method .kd.; valid choices: ffsd, dml, independent'):
+    methods.method_class('kd')
   with pytest.raises(ValueError, match='num_students >= 2'):
-    objective.compute_objective('dml', {'student_logits': z[:1]}, labels, weights)
+    method_objective('dml', {'student_logits': z[:1]})

@@ -246,7 +246,7 @@ def test_export_official_from_workdir(tmp_path, monkeypatch):
   on_device = lambda tree: jax.tree.map(jax.numpy.asarray, tree)
   state = types.SimpleNamespace(params=on_device({'leader': leader['params'], 'trans_fusion': head['params']}),
                                 batch_stats=on_device({'leader': leader['batch_stats'],
-                                                       'trans_fusion': head['batch_stats']}))
+                                                       'trans_fusion': head['batch_stats']}), extra_state={})
   info = types.SimpleNamespace(num_train_examples=50_000)
   restored = lambda config, workdir, checkpoint: (state, 3 * 390 + 17, f'{workdir}/checkpoints_best/1187', None, info)
   monkeypatch.setattr(train_loop, 'restore_for_inference', restored)
@@ -359,7 +359,7 @@ def test_init_leader_from_export_and_official_file(tmp_path):
                  'student_1': old_leader['batch_stats'], 'trans_fusion': old_head['batch_stats']}
   tx = optax.sgd(0.1, momentum=0.9)
   state = TrainState(step=jax.numpy.asarray(0), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
-                     tx=tx)
+                     extra_state={}, tx=tx)
   state = state.apply_gradients(jax.tree.map(jax.numpy.ones_like, params), batch_stats)  # momentum now non-zero
   new_leader, new_head = leader_and_head('resnet20', seed=20)
   source = _official_file(tmp_path, 'resnet20', official.to_official(new_leader, 'resnet20', new_head))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ffsd_jax import train_state
+from ffsd_jax import methods, train_state
 
 
 def _config(**overrides):
@@ -90,7 +90,7 @@ def test_optimizer_groups_reproduce_pytorch_updates():
                    learning_rate=0.1, decoder_learning_rate=0.01)
   tx = train_state.create_optimizer(config, params, steps_per_epoch=1)
   opt_state = tx.init(params)
-  labels = train_state.param_labels(params)
+  labels = train_state.param_labels(methods.get_method(config), params)
   assert labels['trans_fusion']['kernel'] == 'leader' and labels['decoder_1']['bias'] == 'decoder_1'
 
   @jax.jit
@@ -121,6 +121,11 @@ def test_optimizer_groups_reproduce_pytorch_updates():
                                    err_msg=f'{key}/{name} after step {t}')
 
 
-def test_unknown_param_key_is_rejected():
-  with pytest.raises(ValueError, match='Unknown top-level parameter key'):
-    train_state.param_labels({'teacher': {'w': np.ones(2)}})
+def test_the_method_decides_the_loss_groups():
+  params = {key: {'w': np.ones(2, np.float32)} for key in ('trans_fusion', 'gate', 'branch_1')}
+  ffsd = methods.get_method(_config())
+  # FFSD trains its trans-fusion head with the leader; any other key (a newcomer's gate or branch) is its own group.
+  assert train_state.param_labels(ffsd, params) == {'trans_fusion': {'w': 'leader'}, 'gate': {'w': 'gate'},
+                                                     'branch_1': {'w': 'branch_1'}}
+  assert train_state.group_schedules(_config(), {'decoder_1': {}, 'student_0': {}}) == ('decoders', 'networks')
+  assert train_state.group_schedules(_config(method='dml'), {'student_0': {}}) == ('networks',)

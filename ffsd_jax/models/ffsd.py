@@ -24,42 +24,37 @@ from ffsd_jax.attention import diversity_shifted_feature
 from ffsd_jax.models import create_backbone, get_spec
 from ffsd_jax.models.heads import FusionModule, SelfDistillationDecoder, TransFusionHead
 
-METHODS = ('ffsd', 'dml', 'independent')
-
 
 class FFSDModel(nn.Module):
-  """All networks of one FFSD / DML / independent run.
+  """The networks of FFSD and of the baselines that share its students: students, optional leader, optional fusion.
+
+  Which networks exist is a question of structure, not of method name: FFSD builds everything, DML and KDCL the
+  students only (`with_leader=False, with_fusion=False`), independent training the students and the leader.
 
   Attributes:
     backbone: registry name of the backbone shared by the students and the leader (e.g. 'resnet32').
     num_classes: classifier width.
-    num_students: m, the number of common students (≥ 2 for 'ffsd' and 'dml', ≥ 1 for 'independent').
-    method: 'ffsd' (everything), 'dml' (the students only) or 'independent' (the students and the leader).
+    num_students: m, the number of common students (>= 1; the fusion needs >= 2).
+    with_leader: build the leader backbone.
+    with_fusion: build the fusion module, the trans-fusion head and the self-distillation decoders (needs the leader).
     dtype: compute dtype of every network (parameters stay float32; logits are float32).
   """
   backbone: str
   num_classes: int
   num_students: int = 2
-  method: str = 'ffsd'
+  with_leader: bool = True
+  with_fusion: bool = True
   dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f'Unknown method {self.method!r}; valid choices: {", ".join(METHODS)}.')
-    min_students = 1 if self.method == 'independent' else 2
+    min_students = 2 if self.with_fusion else 1
     if not isinstance(self.num_students, int) or self.num_students < min_students:
-      raise ValueError(f'method {self.method!r} needs num_students >= {min_students} (an int); got '
-                       f'{self.num_students!r}.')
+      raise ValueError(f'FFSDModel{" with a fusion module" if self.with_fusion else ""} needs num_students >= '
+                       f'{min_students} (an int); got {self.num_students!r}.')
+    if self.with_fusion and not self.with_leader:
+      raise ValueError('FFSDModel(with_fusion=True) needs with_leader=True: the fusion module teaches the leader.')
     get_spec(self.backbone)  # fails early, listing the valid names
     super().__post_init__()
-
-  @property
-  def has_leader(self) -> bool:
-    return self.method != 'dml'
-
-  @property
-  def has_fusion(self) -> bool:
-    return self.method == 'ffsd'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = True) -> dict[str, Any]:
@@ -71,7 +66,7 @@ class FFSDModel(nn.Module):
         fusion on the students' eval-mode features). Initialisation always builds every submodule.
 
     Returns:
-      A dict with only the keys of the networks that `method` builds.
+      A dict with only the keys of the networks this model builds.
     """
     spec = get_spec(self.backbone)
     if images.ndim != 4:
@@ -81,8 +76,8 @@ class FFSDModel(nn.Module):
 
     # Submodules, explicitly named so the tree keys are the contract's.
     students = [create_backbone(spec.name, self.num_classes, self.dtype, name=f'student_{i}') for i in range(m)]
-    leader = create_backbone(spec.name, self.num_classes, self.dtype, name='leader') if self.has_leader else None
-    if self.has_fusion:
+    leader = create_backbone(spec.name, self.num_classes, self.dtype, name='leader') if self.with_leader else None
+    if self.with_fusion:
       trans_fusion = TransFusionHead(channels, m, dtype=self.dtype, name='trans_fusion')
       fusion = FusionModule(channels, m, self.num_classes, dtype=self.dtype, name='fusion')
       student_decoders = [SelfDistillationDecoder(spec.decoder_channels, dtype=self.dtype, name=f'decoder_{i}')
@@ -90,19 +85,19 @@ class FFSDModel(nn.Module):
       leader_decoder = SelfDistillationDecoder(spec.decoder_channels, dtype=self.dtype, name='decoder_leader')
 
     if not train and not self.is_initializing():
-      return self._evaluate(images, students, leader, fusion if self.has_fusion else None)
+      return self._evaluate(images, students, leader, fusion if self.with_fusion else None)
 
     out: dict[str, Any] = {}
     # 1. The leader (train mode) and its trans-fusion head.
     if leader is not None:
       out['leader_logits'], out['leader_taps'] = leader(images, train=True)
-      if self.has_fusion:
+      if self.with_fusion:
         out['trans_fusion'] = trans_fusion(out['leader_taps'][-1], train=True)
     # 2. The students (train mode).
     student_outputs = [student(images, train=True) for student in students]
     out['student_logits'] = tuple(logits for logits, _ in student_outputs)
     out['student_taps'] = tuple(taps for _, taps in student_outputs)
-    if not self.has_fusion:
+    if not self.with_fusion:
       return out
 
     # 3. The fusion module on Z = concat(sg(f_i^last)), in student order.
@@ -161,5 +156,5 @@ def leader_variables(variables: dict[str, Any]) -> dict[str, Any]:
     `{'params': params['leader'], 'batch_stats': batch_stats['leader']}`.
   """
   if 'leader' not in variables.get('params', {}):
-    raise ValueError('These variables hold no leader (method "dml" builds only the students).')
+    raise ValueError('These variables hold no leader (the method builds only the students).')
   return {collection: tree['leader'] for collection, tree in variables.items() if 'leader' in tree}
