@@ -19,7 +19,6 @@ train mode).
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 import pytest
 
 from ffsd_jax import models
+from test_models import random_variables  # pylint: disable=g-bad-import-order
 
 KEY = jax.random.key(0)
 CLASSES = 10
@@ -37,23 +37,6 @@ FAMILY_MODELS = ('resnet8_tiny', 'wrn16_2', 'densenet40', 'googlenet', 'resnet_i
 # The families whose split is also run numerically (see the module docstring).
 VALUE_MODELS = FAMILY_MODELS if os.environ.get('FFSD_TEST_STAGE_VALUES') == 'all' else (
     'resnet8_tiny', 'wrn16_2', 'resnet_imagenet_tiny')
-
-
-def _random_variables(abstract, seed: int = 0):
-  """Concrete variables shaped like `abstract`: fan-in-scaled kernels, random γ/β and running statistics."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ('var', 'scale'):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == 'kernel':
-      value = rng.normal(size=leaf.shape) * math.sqrt(1.0 / math.prod(leaf.shape[:-1]))
-    else:  # bias, mean
-      value = rng.normal(size=leaf.shape) * 0.1
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def _abstract_images(model: str) -> jax.ShapeDtypeStruct:
@@ -84,7 +67,7 @@ def _abstract_full_variables(model: str):
 
 @functools.lru_cache(maxsize=None)
 def _full_variables(model: str):
-  return _random_variables(_abstract_full_variables(model))
+  return random_variables(_abstract_full_variables(model))
 
 
 def _slice_variables(full_variables, abstract_part):

@@ -18,7 +18,7 @@ from ffsd_jax import objective
 from ffsd_jax import train_loop
 from ffsd_jax import train_state as train_state_lib
 from ffsd_jax.data.normalization import normalize_images
-from ffsd_jax.methods import kdcl, one, pcl
+from ffsd_jax.methods import kdcl, multi_branch, one, pcl
 from ffsd_jax.models import create_backbone
 from test_sharding import fast_compilation, tiny_config  # pylint: disable=unused-import
 from test_train_loop import signal_at_batch
@@ -148,8 +148,8 @@ def test_rampup_weight_matches_official_sigmoid_rampup():
   steps_per_epoch = 7
   for step in (0, 6, 7, 40 * 7 + 3, 79 * 7, 80 * 7, 300 * 7):
     epoch = min(step // steps_per_epoch, 80)  # cifar_one.py: sigmoid_rampup(epoch, 80), epoch 0-based.
-    _close(one.rampup_weight(step, steps_per_epoch, 80), np.exp(-5.0 * (1.0 - epoch / 80) ** 2), rtol=1e-6)
-  assert float(one.rampup_weight(0, steps_per_epoch, 0)) == 1.0
+    _close(multi_branch.rampup_weight(step, steps_per_epoch, 80), np.exp(-5.0 * (1.0 - epoch / 80) ** 2), rtol=1e-6)
+  assert float(multi_branch.rampup_weight(0, steps_per_epoch, 0)) == 1.0
 
 
 def test_one_teacher_and_objective_match_numpy():
@@ -173,7 +173,7 @@ def test_one_teacher_and_objective_match_numpy():
     _close(result.terms[f'branch_{i}/kl'], _kl(z, teacher, 3.0))
     expected += _ce(z, labels) + weight * _kl(z, teacher, 3.0)
   _close(result.total, expected)
-  _close(result.group_losses[one.NETWORK_GROUP], expected)
+  _close(result.group_losses[multi_branch.NETWORK_GROUP], expected)
   _close(result.terms['lambda_scale'], weight, rtol=1e-6)
 
 
@@ -184,7 +184,7 @@ def test_one_teacher_learns_only_from_its_cross_entropy():
   logits, labels = [jnp.asarray(z) for z in _logits(9, 3)], jnp.asarray(_labels(10))
   teacher = jnp.asarray(_logits(11, 1)[0])
   step, steps_per_epoch = 3, 1
-  weight = one.rampup_weight(step, steps_per_epoch, config.one_rampup_epochs)
+  weight = multi_branch.rampup_weight(step, steps_per_epoch, config.one_rampup_epochs)
 
   def total(branches, teacher_logits):
     return method.objective({'branch_logits': branches, 'teacher_logits': teacher_logits}, labels, step,
@@ -356,19 +356,10 @@ def _train(method: str, tmp_path_factory) -> tuple[str, object, dict]:
   return method, workdir, train_loop.train_and_evaluate(_run_config(method), str(workdir))
 
 
-@pytest.fixture(scope='module')
-def pcl_run(tmp_path_factory, fast_compilation):
-  """(method, workdir, summary) of the straight PCL run (shared with `newcomer_run`)."""
-  del fast_compilation
-  return _train('pcl', tmp_path_factory)
-
-
 @pytest.fixture(scope='module', params=sorted(STUDENTS))
 def newcomer_run(request, tmp_path_factory, fast_compilation):
   """(method, workdir, summary) of a straight run of each method."""
   del fast_compilation
-  if request.param == 'pcl':
-    return request.getfixturevalue('pcl_run')
   return _train(request.param, tmp_path_factory)
 
 
@@ -402,9 +393,10 @@ def test_newcomer_eval_and_export_run_the_deployed_network(newcomer_run, tmp_pat
   _close(export.load_leader(export_dir)(images), np.asarray(expected, np.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_pcl_resume_is_exact_with_its_temporal_means(pcl_run, tmp_path, monkeypatch):
-  """Only PCL keeps extra state (its temporal means); KDCL and ONE checkpoint what the other methods do."""
-  method, straight_dir, _ = pcl_run
+def test_newcomer_resume_is_exact(newcomer_run, tmp_path, monkeypatch):
+  """Stopped by SIGTERM after step 3 and resumed: the same records, parameters, optimizer and extra state (PCL's
+  temporal means) as the straight run."""
+  method, straight_dir, _ = newcomer_run
   workdir = tmp_path / 'resumed'
   with monkeypatch.context() as patch:
     signal_at_batch(patch, STOP_STEP)
@@ -415,6 +407,7 @@ def test_pcl_resume_is_exact_with_its_temporal_means(pcl_run, tmp_path, monkeypa
           [{k: v for k, v in r.items() if k not in timing} for r in metric_writers.read_metrics(str(straight_dir))])
   resumed = train_loop.restore_for_inference(_run_config(method), str(workdir), 'latest')[0]
   straight = train_loop.restore_for_inference(_run_config(method), str(straight_dir), 'latest')[0]
+  assert bool(jax.tree.leaves(straight.extra_state)) == (method == 'pcl')
   for a, b in zip(jax.tree.leaves((resumed.params, resumed.extra_state, resumed.opt_state)),
                   jax.tree.leaves((straight.params, straight.extra_state, straight.opt_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

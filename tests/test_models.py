@@ -29,7 +29,7 @@ def _count(tree) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def _random_variables(abstract, seed: int = 0):
+def random_variables(abstract, seed: int = 0):
   """Concrete variables shaped like `abstract`: He-scaled kernels, random γ/β, random running mean/var."""
   rng = np.random.default_rng(seed)
 
@@ -364,7 +364,7 @@ def ffsd_run():
   """One jitted train-mode FFSDModel call (resnet8_tiny, m=2) on random variables."""
   model = models.FFSDModel('resnet8_tiny', 10, num_students=2)
   images = jnp.asarray(np.random.default_rng(4).normal(size=(4, 32, 32, 3)), jnp.float32)
-  variables = _random_variables(jax.eval_shape(lambda x: model.init(KEY, x), images))
+  variables = random_variables(jax.eval_shape(lambda x: model.init(KEY, x), images))
   out, updated = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(variables, images)
   return model, images, variables, out, updated['batch_stats']
 

@@ -22,84 +22,13 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from ffsd_jax import objective
 from ffsd_jax.methods import register
-from ffsd_jax.methods.base import Method, number_problems
-from ffsd_jax.models import create_backbone, get_spec, merge_stage_variables
+from ffsd_jax.methods.multi_branch import (NETWORK_GROUP, MultiBranchMethod, branch_name, branch_variables,
+                                           trunk_and_branches)
+from ffsd_jax.models import get_spec
 from ffsd_jax.models import layers
-
-# The loss group of every parameter of a multi-branch network (one optimizer, as in the official code).
-NETWORK_GROUP = 'network'
-TRUNK = 'trunk'
-# exp(−RAMPUP_SHARPNESS·(1 − e/E)²): utils/ramps.py `sigmoid_rampup` (from the mean-teacher code).
-RAMPUP_SHARPNESS = 5.0
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Shared by the multi-branch methods (ONE, PCL).
-
-
-def branch_name(index: int) -> str:
-  return f'branch_{index}'
-
-
-def shared_stage_count(backbone: str, shared_stages: int | None) -> int:
-  """The trunk's number of stages: `shared_stages`, or all but the last stage when None (the official choice)."""
-  num_stages = get_spec(backbone).num_taps
-  return num_stages - 1 if shared_stages is None else int(shared_stages)
-
-
-def shared_stages_problems(config: ml_collections.ConfigDict, key: str) -> list[str]:
-  """Problems with `config.<key>` (the trunk's number of stages): None or an int in [1, num_stages − 1]."""
-  value = config.get(key)
-  try:
-    num_stages = get_spec(config.get('model')).num_taps
-  except ValueError:
-    return []  # config_checks reports the unknown model.
-  if value is None or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= num_stages - 1):
-    return []
-  return [f'config.{key}={value!r}: the trunk shares the first k stages of {config.get("model")}, which has '
-          f'{num_stages}; k must be an int in [1, {num_stages - 1}] (a branch keeps at least the last stage). Set '
-          f'--config.{key}={num_stages - 1} (or leave it None for all stages but the last).']
-
-
-def trunk_and_branches(backbone: str, num_classes: int, num_branches: int, shared_stages: int, dtype: Any
-                       ) -> tuple[nn.Module, list[nn.Module]]:
-  """The trunk (stages 0..k−1, named 'trunk') and m branches (stages k..n−1 + head, named 'branch_i').
-
-  Call inside a parent's compact method. Their variables keep the full backbone's names, so the trunk's and one
-  branch's variables merge into one complete backbone (`merge_stage_variables`).
-  """
-  num_stages = get_spec(backbone).num_taps
-  trunk = create_backbone(backbone, num_classes, dtype, name=TRUNK, stages=(0, shared_stages))
-  branches = [create_backbone(backbone, num_classes, dtype, name=branch_name(i), stages=(shared_stages, num_stages))
-              for i in range(num_branches)]
-  return trunk, branches
-
-
-def branch_variables(tree: dict[str, Any], batch_stats: dict[str, Any], index: int) -> dict[str, dict[str, Any]]:
-  """trunk + branch_`index` of a multi-branch tree as the variables of one complete backbone."""
-  name = branch_name(index)
-  return merge_stage_variables({'params': tree[TRUNK], 'batch_stats': batch_stats.get(TRUNK, {})},
-                               {'params': tree[name], 'batch_stats': batch_stats.get(name, {})})
-
-
-def rampup_weight(step: jax.Array | int, steps_per_epoch: int, rampup_epochs: int) -> jax.Array:
-  """exp(−5·(1 − e/E)²) with e = step // steps_per_epoch (0-based epoch) clipped to [0, E]; 1 when E = 0.
-
-  The official ONE code's `sigmoid_rampup(epoch, 80)` (utils/ramps.py), evaluated once per epoch as there: epoch 0
-  gives exp(−5) ≈ 0.0067, epoch E and later 1.
-  """
-  if steps_per_epoch < 1:
-    raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch}.')
-  if rampup_epochs <= 0:
-    return jnp.ones((), jnp.float32)
-  epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch
-  phase = 1.0 - jnp.clip(epoch.astype(jnp.float32), 0.0, float(rampup_epochs)) / rampup_epochs
-  return jnp.exp(-RAMPUP_SHARPNESS * phase * phase)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # ONE.
@@ -177,34 +106,16 @@ def one_losses(branch_logits: Sequence[jax.Array], teacher_logits: jax.Array, la
 
 
 @register
-class ONE(Method):
+class ONE(MultiBranchMethod):
   """ONE: a gated native ensemble of branches on a shared trunk teaches its branches; trunk + branch_0 is deployed."""
   name = 'one'
+  key_prefix = 'one'
   min_students = 2
   deployed_network = 'branch_0'
 
   def build_model(self, dtype: Any) -> nn.Module:
     return ONEModel(backbone=self.config.model, num_classes=self.config.num_classes,
-                    num_branches=self.config.num_students,
-                    shared_stages=shared_stage_count(self.config.model, self.config.get('one_shared_stages')),
-                    dtype=dtype)
-
-  def check_config(self) -> list[str]:
-    problems = shared_stages_problems(self.config, 'one_shared_stages')
-    problems.extend(number_problems(self.config, 'one_temperature', 0, 'Set --config.one_temperature=3.0',
-                                    strict=True))
-    rampup = self.config.get('one_rampup_epochs')
-    if not (isinstance(rampup, int) and not isinstance(rampup, bool) and rampup >= 0):
-      problems.append(f'config.one_rampup_epochs={rampup!r}: must be an int >= 0 (0 turns the KL ramp-up off). Set '
-                      '--config.one_rampup_epochs=80.')
-    return problems
-
-  def param_group(self, top_level_key: str) -> str:
-    del top_level_key  # The trunk is shared by every branch's loss: one loss and one optimizer, as officially.
-    return NETWORK_GROUP
-
-  def warmup_factor(self, step, steps_per_epoch):
-    return rampup_weight(step, steps_per_epoch, int(self.config.one_rampup_epochs))
+                    num_branches=self.config.num_students, shared_stages=self.shared_stages(), dtype=dtype)
 
   def objective(self, outputs, labels, step, steps_per_epoch):
     kl_scale = self.warmup_factor(step, steps_per_epoch)

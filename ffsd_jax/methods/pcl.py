@@ -32,9 +32,9 @@ import jax.numpy as jnp
 
 from ffsd_jax import objective
 from ffsd_jax.methods import register
-from ffsd_jax.methods.base import Method, number_problems
-from ffsd_jax.methods.one import (NETWORK_GROUP, TRUNK, branch_name, branch_variables, rampup_weight,
-                                  shared_stage_count, shared_stages_problems, trunk_and_branches)
+from ffsd_jax.methods.base import number_problems
+from ffsd_jax.methods.multi_branch import (NETWORK_GROUP, TRUNK, MultiBranchMethod, branch_name, branch_variables,
+                                           trunk_and_branches)
 from ffsd_jax.models import get_spec
 from ffsd_jax.models import layers
 
@@ -127,39 +127,27 @@ def ema_update(temporal_mean: Any, live: Any, step: jax.Array, decay: float) -> 
 
 
 @register
-class PCL(Method):
+class PCL(MultiBranchMethod):
   """PCL: peers on a shared trunk taught by their ensemble and by each other's temporal means; the temporal mean of
   peer 0 is deployed."""
   name = 'pcl'
+  key_prefix = 'pcl'
   min_students = 2
   deployed_network = temporal_mean_name(0)
 
   def build_model(self, dtype: Any) -> nn.Module:
     return PCLModel(backbone=self.config.model, num_classes=self.config.num_classes,
-                    num_branches=self.config.num_students,
-                    shared_stages=shared_stage_count(self.config.model, self.config.get('pcl_shared_stages')),
-                    dtype=dtype)
+                    num_branches=self.config.num_students, shared_stages=self.shared_stages(), dtype=dtype)
 
   def check_config(self) -> list[str]:
-    problems = shared_stages_problems(self.config, 'pcl_shared_stages')
-    problems.extend(number_problems(self.config, 'pcl_temperature', 0, 'Set --config.pcl_temperature=3.0',
-                                    strict=True))
+    problems = super().check_config()
     decay_problems = number_problems(self.config, 'pcl_ema_decay', 0, 'Set --config.pcl_ema_decay=0.999',
                                      strict=False)
     decay = self.config.get('pcl_ema_decay')
     if not decay_problems and decay >= 1:
       decay_problems.append(f'config.pcl_ema_decay={decay!r}: must be < 1 (1 would freeze the temporal means at '
                             'their first value). Set --config.pcl_ema_decay=0.999.')
-    problems.extend(decay_problems)
-    rampup = self.config.get('pcl_rampup_epochs')
-    if not (isinstance(rampup, int) and not isinstance(rampup, bool) and rampup >= 0):
-      problems.append(f'config.pcl_rampup_epochs={rampup!r}: must be an int >= 0 (0 turns the ramp-up off). Set '
-                      '--config.pcl_rampup_epochs=80.')
-    return problems
-
-  def param_group(self, top_level_key: str) -> str:
-    del top_level_key  # The trunk is shared by every peer's loss: one loss and one optimizer.
-    return NETWORK_GROUP
+    return problems + decay_problems
 
   @staticmethod
   def temporal_mean_model(model: nn.Module) -> nn.Module:
@@ -176,9 +164,6 @@ class PCL(Method):
     outputs = dict(outputs)
     outputs['temporal_mean_logits'] = tuple(jax.lax.stop_gradient(z) for z in temporal_mean['branch_logits'])
     return outputs, mutated['batch_stats']
-
-  def warmup_factor(self, step, steps_per_epoch):
-    return rampup_weight(step, steps_per_epoch, int(self.config.pcl_rampup_epochs))
 
   def objective(self, outputs, labels, step, steps_per_epoch):
     peer_mean_scale = self.warmup_factor(step, steps_per_epoch)
