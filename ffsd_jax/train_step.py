@@ -80,12 +80,12 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     def loss_fn(params):
       outputs, batch_stats = method.apply_train(model, params, state.batch_stats, state.extra_state, images)
       result = method.objective(outputs, labels, state.step, steps_per_epoch)
-      return result.total, (batch_stats, result.terms, method.network_logits(outputs))
+      return result.total, (batch_stats, result.terms, method.network_logits(outputs), outputs)
 
-    (_, (batch_stats, terms, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (batch_stats, terms, logits, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads, batch_stats)
     new_state = new_state.replace(extra_state=method.update_extra_state(
-        state.extra_state, new_state.params, new_state.batch_stats, new_state.step))
+        state.extra_state, new_state.params, new_state.batch_stats, new_state.step, outputs))
 
     metrics: Metrics = dict(terms)
     for name, z in logits.items():

@@ -320,10 +320,15 @@ def test_pcl_temporal_means_are_extra_state_and_deploy_as_a_backbone(fast_compil
 
   # A fake second update (α = 0.5) moves the temporal means away from the live peers.
   moved = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x), params)
-  _, moved_stats = jax.jit(lambda p, x: method.apply_train(model, p, batch_stats, extra, x))(moved, images)
-  extra = method.update_extra_state(extra, moved, moved_stats, jnp.int32(2))
+  step_outputs, moved_stats = jax.jit(lambda p, x: method.apply_train(model, p, batch_stats, extra, x))(moved, images)
+  # The temporal means keep the running statistics of their own train-mode pass, not those of the live peers.
+  _, own_stats = method.temporal_mean_model(model).apply(dict(extra), images, train=True, mutable=['batch_stats'])
+  extra = method.update_extra_state(extra, moved, moved_stats, jnp.int32(2), step_outputs)
   _assert_trees_close(extra['params']['trunk'],
                       jax.tree.map(lambda a, b: 0.5 * (a + b), params['trunk'], moved['trunk']))
+  _assert_trees_close(extra['batch_stats'], own_stats['batch_stats'])
+  assert not np.allclose(np.asarray(extra['batch_stats']['trunk']['bn1']['mean']),
+                         np.asarray(moved_stats['trunk']['bn1']['mean']))
 
   @jax.jit
   def forward(p, b, e, x):

@@ -151,10 +151,11 @@ class Method(abc.ABC):
     del params, batch_stats
     return {}
 
-  def update_extra_state(self, extra_state: Any, params: Any, batch_stats: Any, step: jax.Array) -> Any:
+  def update_extra_state(self, extra_state: Any, params: Any, batch_stats: Any, step: jax.Array, outputs: Outputs
+                         ) -> Any:
     """The extra state after the optimizer update that produced `params` / `batch_stats` (`step` counts updates,
-    this one included)."""
-    del params, batch_stats, step
+    this one included); `outputs` are this step's `apply_train` outputs (computed before the update)."""
+    del params, batch_stats, step, outputs
     return extra_state
 
 

@@ -8,7 +8,8 @@ A multi-branch network as in ONE: a trunk (the backbone's first `pcl_shared_stag
 - the peer mean teachers: the temporal mean (exponential moving average) of every peer's parameters, trunk included,
   θ̃ ← α_t·θ̃ + (1 − α_t)·θ after every optimizer step, with α_t = min(1 − 1/t, `pcl_ema_decay`) at update t (1-based;
   the mean-teacher rule, so the first update copies θ). They are extra state (`init_extra_state`), run in train mode
-  (batch statistics) on the same batch, and give no gradient.
+  (batch statistics) on the same batch, keep the running statistics of those passes (as a separate EMA model's
+  buffers would be), and give no gradient.
 
 With z_j the peers' logits, z̃_j the peer mean teachers' and T = `pcl_temperature`, the one loss is
 
@@ -19,7 +20,7 @@ With z_j the peers' logits, z̃_j the peer mean teachers' and T = `pcl_temperatu
 with the ramp-up w(e) = exp(−5(1 − e/E)²) of the 0-based epoch e clipped to E = `pcl_rampup_epochs`. One SGD
 (`weight_decay`) trains the trunk, the peers and the ensemble classifier. The deployed network is the temporal mean
 of peer 0 ('temporal_mean_0': EMA trunk + EMA branch_0, one complete backbone). The open choices (per-peer input
-augmentation, ramp-up scope, the temporal mean's batch-norm statistics) are in docs/deviations.md ("Newcomer methods").
+augmentation, ramp-up scope) are in docs/deviations.md ("Newcomer methods").
 """
 
 from __future__ import annotations
@@ -158,11 +159,12 @@ class PCL(MultiBranchMethod):
     outputs, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                                    mutable=['batch_stats'])
     # The peer mean teachers run in train mode (batch statistics) as in the mean-teacher code; the running statistics
-    # this would update are discarded (the temporal means' own are an EMA, see `update_extra_state`).
-    temporal_mean, _ = self.temporal_mean_model(model).apply(dict(extra_state), images, train=True,
-                                                             mutable=['batch_stats'])
+    # this updates are theirs (`update_extra_state` keeps them), as a separate PyTorch EMA model's buffers would be.
+    temporal_mean, temporal_mean_stats = self.temporal_mean_model(model).apply(dict(extra_state), images, train=True,
+                                                                               mutable=['batch_stats'])
     outputs = dict(outputs)
     outputs['temporal_mean_logits'] = tuple(jax.lax.stop_gradient(z) for z in temporal_mean['branch_logits'])
+    outputs['temporal_mean_batch_stats'] = jax.lax.stop_gradient(temporal_mean_stats['batch_stats'])
     return outputs, mutated['batch_stats']
 
   def objective(self, outputs, labels, step, steps_per_epoch):
@@ -197,8 +199,8 @@ class PCL(MultiBranchMethod):
             'batch_stats': {key: jax.tree.map(jnp.copy, tree) for key, tree in batch_stats.items()
                             if is_peer_key(key)}}
 
-  def update_extra_state(self, extra_state, params, batch_stats, step):
-    decay = float(self.config.pcl_ema_decay)
-    live = {'params': {key: params[key] for key in extra_state['params']},
-            'batch_stats': {key: batch_stats[key] for key in extra_state['batch_stats']}}
-    return ema_update(extra_state, live, step, decay)
+  def update_extra_state(self, extra_state, params, batch_stats, step, outputs):
+    del batch_stats  # The temporal means keep the running statistics of their own train-mode pass (`apply_train`).
+    live = {key: params[key] for key in extra_state['params']}
+    return {'params': ema_update(extra_state['params'], live, step, float(self.config.pcl_ema_decay)),
+            'batch_stats': outputs['temporal_mean_batch_stats']}
