@@ -443,8 +443,8 @@ def _wall_time_note(rows: Sequence[GroupRow]) -> str:
 
 def markdown_tables(rows: Sequence[GroupRow]) -> str:
   """The study as markdown: the tracked network's best and last top-1, then every network's last top-1."""
-  lines = ['Test top-1 (%) of the tracked network (the leader; `dml` has none: student_0): mean ± sample std '
-           '(ddof=1) over seeds, then the per-seed values in seed order.', '',
+  lines = ["Test top-1 (%) of the tracked network (the method's deployed one: the leader, or e.g. student_0 for "
+           'dml): mean ± sample std (ddof=1) over seeds, then the per-seed values in seed order.', '',
            '| config | method | network | seeds | finished | steps | best top-1 | last top-1 | best per seed '
            '| last per seed | wall time |', '|---|---|---|---|---|---|---|---|---|---|---|']
   for row in rows:
