@@ -7,8 +7,8 @@
 
 Figures (`--figures`, default all but `keys`; `--keys` alone draws only the keys figure), written to
 `<out>_<figure>.png`:
-- headline: test top-1 of the tracked network (the deployed one: the leader, student_0 for dml, ...) per method over epochs: the mean over
-  seeds as a line, the min–max over seeds as a band; one panel per config.
+- headline: test top-1 of the tracked network (the deployed one: the leader, student_0 for dml, ...) per method over
+  epochs: the mean over seeds as a line, the min–max over seeds as a band; one panel per config.
 - networks: every network's test top-1 (mean over seeds), one panel per (config, method).
 - losses: one panel per loss term (ce, kl, loss, ...), one colour per network, one line style per (config, method).
 - schedules: the learning rates and the λ warm-up factor: lines computed from the config (WORKDIR/config.json, or
