@@ -216,6 +216,12 @@ def test_study_script_prints_commands_and_aggregates(study_root, tmp_path):
   assert len(lines) == 2
   assert lines[1].endswith(f'main.py --config {config} --workdir {tmp_path / "s" / "smoke" / "dml" / "seed0"} '
                            '--config.method=dml --config.seed=0 --config.data_dir=/data --config.num_epochs=1')
+  # Without --methods a study compares every registered method.
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert study.main(['run', '--configs', config, '--seeds', '0', '--root', str(tmp_path / 's'), '--print']) == 0
+  assert [line.split('--config.method=')[1].split()[0] for line in out.getvalue().splitlines()] == [
+      'ffsd', 'dml', 'independent', 'kdcl', 'one', 'pcl']
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     assert study.main(['aggregate', study_root, '--csv', str(tmp_path / 'r.csv')]) == 0
