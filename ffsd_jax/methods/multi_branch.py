@@ -48,18 +48,21 @@ def shared_stages_problems(config: ml_collections.ConfigDict, key: str) -> list[
           f'--config.{key}={num_stages - 1} (or leave it None for all stages but the last).']
 
 
-def trunk_and_branches(backbone: str, num_classes: int, num_branches: int, shared_stages: int, dtype: Any
-                       ) -> tuple[nn.Module, list[nn.Module]]:
-  """The trunk (stages 0..k−1, named 'trunk') and m branches (stages k..n−1 + head, named 'branch_i').
+def trunk_and_branches(backbone: str, num_classes: int, num_branches: int, shared_stages: int, dtype: Any,
+                       images: jax.Array, train: bool) -> tuple[jax.Array, list[nn.Module]]:
+  """Runs the trunk (stages 0..k−1, named 'trunk') on `images`; returns its features and the m branches (stages
+  k..n−1 + head, named 'branch_i') to apply to them.
 
   Call inside a parent's compact method. Their variables keep the full backbone's names, so the trunk's and one
   branch's variables merge into one complete backbone (`merge_stage_variables`).
   """
-  num_stages = get_spec(backbone).num_taps
+  spec = get_spec(backbone)
+  spec.check_input_size(images.shape[1], images.shape[2])
   trunk = create_backbone(backbone, num_classes, dtype, name=TRUNK, stages=(0, shared_stages))
-  branches = [create_backbone(backbone, num_classes, dtype, name=branch_name(i), stages=(shared_stages, num_stages))
-              for i in range(num_branches)]
-  return trunk, branches
+  branches = [create_backbone(backbone, num_classes, dtype, name=branch_name(i),
+                              stages=(shared_stages, spec.num_taps)) for i in range(num_branches)]
+  features, _ = trunk(images, train=train)
+  return features, branches
 
 
 def branch_variables(tree: dict[str, Any], batch_stats: dict[str, Any], index: int) -> dict[str, dict[str, Any]]:

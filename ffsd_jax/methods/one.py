@@ -27,7 +27,6 @@ from ffsd_jax import objective
 from ffsd_jax.methods import register
 from ffsd_jax.methods.multi_branch import (NETWORK_GROUP, MultiBranchMethod, branch_name, branch_variables,
                                            trunk_and_branches)
-from ffsd_jax.models import get_spec
 from ffsd_jax.models import layers
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -79,10 +78,8 @@ class ONEModel(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = True) -> dict[str, Any]:
-    get_spec(self.backbone).check_input_size(images.shape[1], images.shape[2])
-    trunk, branches = trunk_and_branches(self.backbone, self.num_classes, self.num_branches, self.shared_stages,
-                                         self.dtype)
-    features, _ = trunk(images, train=train)
+    features, branches = trunk_and_branches(self.backbone, self.num_classes, self.num_branches, self.shared_stages,
+                                            self.dtype, images, train)
     gate_weights = BranchGate(self.num_branches, self.dtype, name='gate')(features, train=train)
     branch_logits = tuple(branch(features, train=train)[0].astype(jnp.float32) for branch in branches)
     return {'branch_logits': branch_logits, 'gate_weights': gate_weights,

@@ -36,7 +36,6 @@ from ffsd_jax.methods import register
 from ffsd_jax.methods.base import number_problems
 from ffsd_jax.methods.multi_branch import (NETWORK_GROUP, TRUNK, MultiBranchMethod, branch_name, branch_variables,
                                            trunk_and_branches)
-from ffsd_jax.models import get_spec
 from ffsd_jax.models import layers
 
 ENSEMBLE = 'peer_ensemble'
@@ -71,10 +70,8 @@ class PCLModel(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = True) -> dict[str, Any]:
-    get_spec(self.backbone).check_input_size(images.shape[1], images.shape[2])
-    trunk, branches = trunk_and_branches(self.backbone, self.num_classes, self.num_branches, self.shared_stages,
-                                         self.dtype)
-    features, _ = trunk(images, train=train)
+    features, branches = trunk_and_branches(self.backbone, self.num_classes, self.num_branches, self.shared_stages,
+                                            self.dtype, images, train)
     branch_outputs = [branch(features, train=train) for branch in branches]
     out: dict[str, Any] = {'branch_logits': tuple(logits.astype(jnp.float32) for logits, _ in branch_outputs)}
     if self.with_ensemble_head:
