@@ -61,7 +61,7 @@ class CifarResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   arch: str = 'cifar_resnet'
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = nn.BatchNorm
+  norm: ModuleDef = layers.BatchNorm
   stages: tuple[int, int] | None = None
 
   @nn.compact
