@@ -1,4 +1,4 @@
-"""scripts/compare_official.py: its project-side timing path (no torch) and its refusal of a bad official checkout."""
+"""scripts/compare_official.py and scripts/compare_convolutions.py: their project-side paths (no torch) and their refusals."""
 
 import os
 import pathlib
@@ -50,3 +50,27 @@ def test_config_specs(compare_official):
   assert compare_official.parse_config_spec('wrn16_2')[1] == 'float32'
   with pytest.raises(ValueError, match='no file'):
     compare_official.parse_config_spec('no_such_net')
+
+
+@pytest.fixture(scope='module')
+def compare_convolutions():
+  return conftest.load_script('compare_convolutions')
+
+
+def test_compare_convolutions_lists_resnet32_layers(compare_convolutions):
+  # ResNet-32: a 3->16 stem, then 5 BasicBlocks of two 3x3 convs per stage at 32, 16 and 8 pixels; the first block of
+  # stages 2 and 3 has a stride-2 first conv and a 1x1 stride-2 projection shortcut.
+  config = studies.load_config_file(str(REPO_ROOT / 'configs' / 'cifar100_resnet32.py'), str(REPO_ROOT))
+  counts = compare_convolutions.backbone_convolutions(config, batch_size=4)
+  described = {compare_convolutions.describe(shape): count for shape, count in counts.items()}
+  assert described == {
+      '4x32x32x3 3x3 3->16 s1': 1, '4x32x32x16 3x3 16->16 s1': 10,
+      '4x32x32x16 3x3 16->32 s2': 1, '4x32x32x16 1x1 16->32 s2': 1, '4x16x16x32 3x3 32->32 s1': 9,
+      '4x16x16x32 3x3 32->64 s2': 1, '4x16x16x32 1x1 32->64 s2': 1, '4x8x8x64 3x3 64->64 s1': 9}
+
+
+def test_compare_convolutions_refuses_a_missing_config(compare_convolutions, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    compare_convolutions.main(['--config', str(tmp_path / 'absent.py')])
+  assert exit_info.value.code == 2
+  assert 'is not a file' in capsys.readouterr().err
