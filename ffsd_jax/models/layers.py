@@ -84,8 +84,8 @@ class BatchNorm(nn.BatchNorm):
   The fields, variables (`scale`, `bias`; `batch_stats` `mean`, `var`), batch statistics (float32, Flax's
   E[x²] − E[x]² variance) and running-average updates are Flax's. Only the normalisation differs: Flax computes
   ((x − μ)·a) + β with a = γ/√(σ² + ε), three elementwise passes once XLA:CPU's library fusions split them; this
-  computes x·a + (β − μ·a), one pass, with the same rounding up to float32 order. On the 2-core CPU this cut the FFSD
-  ResNet-32 step by about 9% (docs/benchmarks.md). Only what the models use is supported: features on the last axis,
+  computes x·a + (β − μ·a), one pass; the two agree to float32 rounding. On the 2-core CPU this cut the FFSD ResNet-32
+  step by about 9% (docs/benchmarks.md). Only what the models use is supported: features on the last axis,
   no mask, no `axis_name` (global-batch statistics come from jit's sharded reductions).
   """
 
