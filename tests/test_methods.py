@@ -1,11 +1,9 @@
 """The method registry: FFSD, DML and independent reproduce committed golden values (metrics and every parameter over
 3 steps), and no module outside ffsd_jax/methods/ tests a method's name.
 
-The golden file `tests/golden/methods_3_steps.json` was written by this module (`python tests/test_methods.py`) at
-the commit it records, so any change of arithmetic in a refactor shows up here. It was first written before the
-methods moved onto `ffsd_jax.methods` (commit 6ab4e73), and the move was bit-identical. It was rewritten at 9d96da9,
-when batch norm began to normalise in one multiply-add (`layers.BatchNorm`); that code agreed with the old values at
-the tolerance below before the file was rewritten. It holds every metric of every step and, per leaf of params and batch_stats,
+The golden file `tests/golden/methods_3_steps.json` was written by this module (`python tests/test_methods.py`)
+from the code before the methods moved onto `ffsd_jax.methods` (commit recorded in the file), so any change of
+arithmetic in a refactor shows up here. It holds every metric of every step and, per leaf of params and batch_stats,
 its sha256 and three float64 statistics, all under the test suite's XLA flags (conftest.py).
 
 On the machine that wrote the file the results are bit-identical (`FFSD_GOLDEN_EXACT=1` asserts the sha256s). Other

@@ -53,7 +53,7 @@ class BranchGate(nn.Module):
   def __call__(self, features: jax.Array, train: bool) -> jax.Array:
     pooled = jnp.mean(features, axis=(1, 2))
     scores = layers.torch_dense(self.num_branches, features.shape[-1], dtype=self.dtype, name='fc')(pooled)
-    scores = layers.norm_factory(layers.BatchNorm, train, self.dtype)(name='bn')(scores)
+    scores = layers.norm_factory(nn.BatchNorm, train, self.dtype)(name='bn')(scores)
     return jax.nn.softmax(nn.relu(scores).astype(jnp.float32), axis=-1)
 
 

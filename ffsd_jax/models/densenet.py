@@ -70,7 +70,7 @@ class DenseNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   arch: str = 'densenet40'
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
   stages: tuple[int, int] | None = None
 
   def tap_channels(self, stage: int) -> int:

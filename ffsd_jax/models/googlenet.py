@@ -88,7 +88,7 @@ class GoogLeNet(nn.Module):
   num_classes: int
   dtype: jnp.dtype = jnp.float32
   arch: str = 'googlenet'
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
   stages: tuple[int, int] | None = None
 
   @nn.compact

@@ -74,7 +74,7 @@ class FusionModule(nn.Module):
   num_students: int
   num_classes: int
   dtype: jnp.dtype = jnp.float32
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -95,7 +95,7 @@ class TransFusionHead(nn.Module):
   channels: int
   num_students: int
   dtype: jnp.dtype = jnp.float32
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -151,7 +151,7 @@ class DecoderUnit(nn.Module):
   """ConvTranspose(k3, s2, PyTorch padding 1 + output_padding 1, no bias) → BN → ReLU; doubles H and W."""
   features: int
   dtype: jnp.dtype = jnp.float32
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -169,7 +169,7 @@ class SelfDistillationDecoder(nn.Module):
   """
   channels: Sequence[int]
   dtype: jnp.dtype = jnp.float32
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, ...]:

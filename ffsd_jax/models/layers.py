@@ -78,57 +78,11 @@ def conv_factory(conv: ModuleDef, dtype: Dtype) -> ModuleDef:
   return functools.partial(conv, use_bias=False, dtype=dtype, kernel_init=conv_kernel_init())
 
 
-class BatchNorm(nn.BatchNorm):
-  """Flax's `nn.BatchNorm`, normalising with one multiply-add per element.
-
-  The fields, variables (`scale`, `bias`; `batch_stats` `mean`, `var`), batch statistics (float32, Flax's
-  E[x²] − E[x]² variance) and running-average updates are Flax's. Only the normalisation differs: Flax computes
-  ((x − μ)·a) + β with a = γ/√(σ² + ε), three elementwise passes once XLA:CPU's library fusions split them; this
-  computes x·a + (β − μ·a), one pass; the two agree to float32 rounding. On the 2-core CPU this cut the FFSD ResNet-32
-  step by about 9% (docs/benchmarks.md). Only what the models use is supported: features on the last axis,
-  no mask, no `axis_name` (global-batch statistics come from jit's sharded reductions).
-  """
-
-  @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask: jax.Array | None = None
-               ) -> jax.Array:
-    use_running_average = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
-    if self.axis not in (-1, x.ndim - 1) or mask is not None or self.axis_name is not None or not (
-        self.use_fast_variance and self.force_float32_reductions):
-      raise NotImplementedError('layers.BatchNorm supports features on the last axis, no mask, no axis_name and '
-                                'Flax\'s default fast float32 statistics; use nn.BatchNorm for anything else.')
-    features = (x.shape[-1],)
-    ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), features)
-    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), features)
-    if use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      stats_input = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
-      axes = tuple(range(x.ndim - 1))
-      mean, mean_square = stats_input.mean(axes), jnp.square(stats_input).mean(axes)
-      var = jnp.maximum(0.0, mean_square - jnp.square(mean))  # Round-off can make the difference negative.
-      if not self.is_initializing():
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    multiplier = jax.lax.rsqrt(var + self.epsilon)
-    args = [x]
-    if self.use_scale:
-      scale = self.param('scale', self.scale_init, features, self.param_dtype)
-      multiplier = multiplier * scale
-      args.append(scale)
-    shift = -mean * multiplier
-    if self.use_bias:
-      bias = self.param('bias', self.bias_init, features, self.param_dtype)
-      shift = shift + bias
-      args.append(bias)
-    return jnp.asarray(x * multiplier + shift, self.dtype or jnp.result_type(*args))
-
-
 def norm_factory(norm: ModuleDef, train: bool, dtype: Dtype, momentum: float = BN_MOMENTUM) -> ModuleDef:
   """A batch-norm factory: batch statistics and running-stat updates in train mode, running stats in eval mode.
 
   Args:
-    norm: the module class, normally `BatchNorm` (above).
+    norm: the module class, normally `nn.BatchNorm`.
     train: True for batch statistics (and running-stat updates when `batch_stats` is mutable).
     dtype: compute dtype; the statistics are reduced in float32 regardless (Flax `force_float32_reductions`).
     momentum: Flax momentum (= 1 − PyTorch momentum).

@@ -61,7 +61,7 @@ class CifarResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   arch: str = 'cifar_resnet'
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
   stages: tuple[int, int] | None = None
 
   @nn.compact

@@ -41,7 +41,7 @@ class ImageNetResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   arch: str = 'imagenet_resnet'
   conv: ModuleDef = nn.Conv
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
   stages: tuple[int, int] | None = None
 
   @nn.compact

@@ -62,7 +62,7 @@ class WideResNet(nn.Module):
   num_classes: int
   dtype: jnp.dtype = jnp.float32
   arch: str = 'wide_resnet'
-  norm: ModuleDef = layers.BatchNorm
+  norm: ModuleDef = nn.BatchNorm
   stages: tuple[int, int] | None = None
 
   @nn.compact
