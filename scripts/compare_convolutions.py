@@ -112,9 +112,10 @@ def torch_timers(shape: ConvShape) -> tuple[Callable[[], None], Callable[[], Non
   lhs_shape, rhs_shape, strides, padding, groups = shape
   n, h, w_, c = lhs_shape
   kh, kw, cin, cout = rhs_shape
-  # The official networks pad symmetrically (padding=k//2); XLA's SAME padding of a stride-2 layer may put the extra
-  # row at the end only. The work is the same up to that border row.
-  torch_padding = tuple(max(lo, hi) for lo, hi in padding)
+  # The models pad symmetrically, as PyTorch does (`layers.torch_padding`), so torch takes the same padding.
+  if any(lo != hi for lo, hi in padding):
+    raise ValueError(f'{describe(shape)}: asymmetric padding {padding} has no PyTorch conv2d equivalent')
+  torch_padding = tuple(lo for lo, _ in padding)
   generator = torch.Generator().manual_seed(0)
   x = torch.randn(n, c, h, w_, generator=generator).contiguous()
   weight = (torch.randn(cout, cin, kh, kw, generator=generator) * 0.1).contiguous()
