@@ -17,6 +17,7 @@ import pytest
 import conftest
 from configs.default import get_config
 from ffsd_jax import data
+from ffsd_jax import errors
 from ffsd_jax.data import augment
 from ffsd_jax.data import normalization
 from ffsd_jax.data import pipeline
@@ -205,12 +206,13 @@ def test_eval_batches_pad_and_mask_synthetic():
 
 def test_missing_tfds_dataset_fails_fast_with_prepare_command(tmp_path):
   start = time.time()
-  with pytest.raises(FileNotFoundError) as error:
+  with pytest.raises(errors.DataError) as error:
     data.get_dataset_info(_config(dataset='cifar100', data_dir=str(tmp_path)))
   assert time.time() - start < 10
-  message = str(error.value)
-  assert str(tmp_path) in message
-  assert f'python scripts/prepare_data.py --dataset cifar100 --data_dir {tmp_path}' in message
+  assert str(error.value) == (
+      f"TFDS dataset 'cifar100' is not prepared in data_dir {tmp_path} (no {tmp_path}/cifar100/<version>/"
+      f'dataset_info.json); prepare it once with `python scripts/prepare_data.py --dataset cifar100 --data_dir '
+      f'{tmp_path}`, or point --config.data_dir at the folder that holds it.')
 
 
 def _write_png(path, rng, size=8):
@@ -223,7 +225,7 @@ def test_class_folder_missing_from_a_split_is_reported(tmp_path):
   for split, classes in (('train', ('cat', 'dog', 'emu')), ('test', ('cat', 'emu'))):
     for name in classes:
       _write_png(tmp_path / split / name / '0.png', rng)
-  with pytest.raises(ValueError, match=r"Only in train/: \['dog'\]"):
+  with pytest.raises(errors.DataError, match=r'only in train/: dog; only in test/: none\)'):
     data.get_dataset_info(_config(dataset='image_folder', image_folder=str(tmp_path), num_classes=3, image_size=8))
 
 
@@ -238,9 +240,9 @@ def test_unreadable_image_names_the_file(tmp_path, image_size):
   broken.write_bytes(b'not an image')
   config = _config(dataset='image_folder', image_folder=str(tmp_path), num_classes=2, image_size=image_size,
                    data_cache_dir=str(tmp_path / 'cache'))
-  with pytest.raises(ValueError, match=re.escape(str(broken))):
-    iterator = data.create_train_iterator(config, global_batch_size=4, process_index=0, process_count=1, seed=0)
-    next(iterator)
+  # Found by the start-up check (before any iterator exists), named relative to the folder it names.
+  with pytest.raises(errors.DataError, match=re.escape(f'image folder {tmp_path} cannot be read: train/b/1.png (')):
+    data.get_dataset_info(config)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 
 from configs.default import get_config
 from ffsd_jax import data
+from ffsd_jax import errors
 from ffsd_jax.data import sources
 from test_data import load_prepare_script
 
@@ -100,23 +101,21 @@ def test_truncated_jpeg_opens_but_does_not_decode(tmp_path, size):
 def test_plan_fails_listing_every_bad_file(tmp_path, image_size):
   root = _image_folder(tmp_path / 'images', image_size)
   corrupt, truncated = _with_bad_files(root, image_size)
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(errors.DataError) as error:
     data.get_dataset_info(_folder_config(tmp_path, root, image_size))
-  message = str(error.value)
-  assert message.startswith(f'2 of 14 image files of image folder {root} cannot be read:\n')
-  assert f'\n  {corrupt}: UnidentifiedImageError: cannot identify image file' in message
-  assert f'\n  {truncated}: OSError: image file is truncated' in message
-  assert message.endswith(sources.BAD_IMAGE_FOLDER_FIX)
-  assert '--config.skip_bad_images=True' in message and 'Replace or remove these files' in message
-  assert str(root / 'train' / 'a' / '0.jpg') not in message
+  # One line: the folder once, each bad file relative to it with a short reason, then the fix.
+  assert str(error.value) == (f'2 of 14 image files of image folder {root} cannot be read: train/a/corrupt.jpg (not '
+                              'an image PIL can read), test/b/truncated.jpg (truncated). Replace or remove these '
+                              'files, or rerun with --config.skip_bad_images=True to leave every unreadable file out '
+                              'of the run (each is then logged).')
+  assert str(error.value).endswith(sources.BAD_IMAGE_FOLDER_FIX)
 
 
 def test_bad_file_list_is_capped(tmp_path):
   bad = [(f'/data/{i}.jpg', 'OSError: broken') for i in range(25)]
-  message = sources.bad_images_message('image folder /data', bad, 1000, 'FIX')
-  assert message.splitlines() == (['25 of 1000 image files of image folder /data cannot be read:']
-                                  + [f'  /data/{i}.jpg: OSError: broken' for i in range(20)]
-                                  + ['  ... and 5 more.', 'FIX'])
+  message = sources.bad_images_message('image folder /data', bad, 1000, 'FIX.', root='/data')
+  assert message == ('25 of 1,000 image files of image folder /data cannot be read: '
+                     + ', '.join(f'{i}.jpg (OSError: broken)' for i in range(10)) + ', and 15 more. FIX.')
 
 
 @pytest.mark.parametrize('image_size', [32, 72])
@@ -154,7 +153,7 @@ def test_check_result_is_cached_per_listing(tmp_path, monkeypatch):
   def fail(path):
     raise AssertionError(f'{path} was checked again')
 
-  monkeypatch.setattr(sources, 'check_image_file', fail)
+  monkeypatch.setattr(sources, 'image_file_report', fail)
   assert sources.find_bad_images(paths, cache) == expected  # Read from the cache.
   # A changed file (size, mtime) is another listing: checked again.
   pathlib.Path(corrupt).write_bytes(b'still not an image, but longer')
@@ -238,14 +237,14 @@ def test_broken_symlink_is_a_bad_image(tmp_path, caplog):
   root = _image_folder(tmp_path / 'images', 8)
   link = root / 'train' / 'b' / 'gone.jpg'
   link.symlink_to(tmp_path / 'nowhere.jpg')
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(errors.DataError) as error:
     data.get_dataset_info(_folder_config(tmp_path, root, 8))
-  assert f'1 of 13 image files of image folder {root}' in str(error.value)
-  assert f'\n  {link}: broken symbolic link (to {tmp_path / "nowhere.jpg"})\n' in str(error.value)
+  assert str(error.value).startswith(f'1 of 13 image files of image folder {root} cannot be read: train/b/gone.jpg '
+                                     f'(broken symbolic link to {tmp_path / "nowhere.jpg"}). Replace')
   with caplog.at_level(logging.WARNING):
     info = data.get_dataset_info(_folder_config(tmp_path, root, 8, skip_bad_images=True))
   assert info.skipped_files == (str(link),) and info.num_train_examples == 6
-  assert f'{link}: broken symbolic link' in caplog.text
+  assert f'left out {link} (broken symbolic link' in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -257,11 +256,13 @@ def test_shape_error_names_the_file(tmp_path):
   odd = root / 'train' / 'b' / 'small.png'
   _write_image(odd, np.random.default_rng(5), 16)
   config = _folder_config(tmp_path, root, 32)
-  with pytest.raises(ValueError) as error:
-    data.create_train_iterator(config, global_batch_size=4, process_index=0, process_count=1, seed=0)
-  assert str(error.value).startswith(f'Image {odd} has shape (16, 16, 3); the decode-once (CIFAR-style) pipeline '
-                                     'needs every image to be 32x32x3.')
-  assert 'raise --config.image_size above 64' in str(error.value)
+  # Found from the headers by the start-up check (get_dataset_info), not mid-decode after the run started.
+  with pytest.raises(errors.DataError) as error:
+    data.get_dataset_info(config)
+  assert str(error.value) == (f'1 of 13 images of image folder {root} are not 32x32: 16x16 (1 file: train/b/small.png).'
+                              ' With --config.image_size=32 (at most 64) every image is decoded once into one array, '
+                              'so all must be 32x32: resize them to 32x32, or set --config.image_size above 64 (e.g. '
+                              '96 or 224) for the ImageNet-style pipeline, which resizes and crops every image.')
 
 
 def test_decode_failure_mid_run_names_the_file_and_the_way_forward(tmp_path):
@@ -287,7 +288,7 @@ def test_tfds_record_errors_name_record_split_and_dataset(tmp_path):
   with pytest.raises(ValueError) as error:
     sources.decode_image(b'not a png', lambda: reader.describe(192), reader.fix)
   assert str(error.value).startswith(f'Cannot decode image {reader.describe(192)}: UnidentifiedImageError')
-  assert str(error.value).endswith(f'--name my_images --data_dir {tmp_path / "tfds"}')
+  assert str(error.value).endswith(f'--name my_images --data_dir {tmp_path / "tfds"}`.')
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -320,11 +321,12 @@ def test_prepare_lists_bad_files_skips_them_and_is_not_blocked(tmp_path, monkeyp
   # The start-up check finds both, before anything is written.
   with pytest.raises(ValueError) as error:
     prepare_data.prepare_image_folder(root, 'checked', data_dir)
-  assert str(error.value).startswith(f'2 of 10 image files of image folder {root} cannot be read:')
-  assert corrupt in str(error.value) and truncated in str(error.value) and '--skip_bad_images' in str(error.value)
+  assert str(error.value).startswith(f'2 of 10 image files of image folder {root} cannot be read: train/a/corrupt.jpg '
+                                     '(not an image PIL can read), test/b/truncated.jpg (truncated).')
+  assert '--skip_bad_images' in str(error.value)
   assert not data_dir.exists()
   # Files that pass the check but fail to decode while writing are listed together too, and nothing is left behind.
-  monkeypatch.setattr(sources, 'find_bad_images', lambda paths, cache_dir=None: [])
+  monkeypatch.setattr(sources, 'image_file_report', lambda path: (None, (8, 8)))
   with pytest.raises(ValueError) as error:
     prepare_data.prepare_image_folder(root, 'checked', data_dir)
   assert str(error.value).startswith(f'2 of 10 image files of image folder {root} cannot be read:')
@@ -409,8 +411,8 @@ def test_allow_config_change_resumes_at_the_same_batch_index(tmp_path, caplog, n
     np.testing.assert_array_equal(a['label'], b['label'])
   assert resumed.get_state()['next_batch'] == 10 and resumed.get_state()['num_train_examples'] == new_count
   epoch, step = expected_epoch_step
-  assert (f'Resuming the training input at batch 8 (epoch {epoch}, step {step} of {new_count // 32}) over '
-          f'{new_count} training examples; the checkpoint was trained over 200') in caplog.text
+  assert (f'Resuming the training input at batch 8 (epoch {epoch}, step {step} of {new_count // 32}) with '
+          f'num_train_examples=200 but this run has {new_count} (allow_config_change)') in caplog.text
   # The 200-example stream at batch 8 is other data: the order differs from an uninterrupted run, as logged.
   assert not np.array_equal(_take(_iterator(_synthetic(tmp_path, 200)), 9)[8]['label'], got[0]['label'])
 
@@ -419,9 +421,24 @@ def test_allow_config_change_still_refuses_other_changes(tmp_path):
   state = _saved_state(tmp_path, 200, 3)
   with pytest.raises(ValueError, match='saved with seed=0 but this run has 5'):
     _iterator(_synthetic(tmp_path, 199, allow_config_change=True), seed=5).set_state(state)
-  with pytest.raises(ValueError, match='saved with global_batch_size=32 but this run has 16'):
-    data.create_train_iterator(_synthetic(tmp_path, 199, allow_config_change=True), global_batch_size=16,
+  with pytest.raises(ValueError, match='saved with global_batch_size=32 but this run has 16. Exact resume needs '
+                     'the same global batch: rerun with --config.batch_size=32'):
+    data.create_train_iterator(_synthetic(tmp_path, 200), global_batch_size=16,
                                process_index=0, process_count=1, seed=0).set_state(state)
+
+
+def test_allow_config_change_continues_with_a_new_global_batch(tmp_path):
+  """A new global batch (e.g. for another device count) resumes at the same batch index over the new layout."""
+  state = _saved_state(tmp_path, 200, 3)
+  config = _synthetic(tmp_path, 200, allow_config_change=True)
+  make = lambda: data.create_train_iterator(config, global_batch_size=16, process_index=0, process_count=1, seed=0)
+  resumed = make()
+  resumed.set_state(state)
+  expected = _take(make(), 5)[3:]
+  for a, b in zip(expected, _take(resumed, 2)):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert resumed.get_state()['next_batch'] == 5 and resumed.get_state()['global_batch_size'] == 16
 
 
 def test_image_folder_resume_after_removing_a_file(tmp_path):

@@ -1,18 +1,24 @@
 """Input pipelines: TFDS (ArrayRecord) / image-folder / synthetic sources, augmentation (docs/method.md §9), batches.
 
 Public API (the contract the train loop codes against):
-  DatasetInfo, get_dataset_info(config), create_train_iterator(config, ...), create_eval_batches(config, ...).
+  DatasetInfo, get_dataset_info(config), describe_dataset(info, config), create_train_iterator(config, ...),
+  create_eval_batches(config, ...).
+
+Every problem with the data that a researcher can fix (missing or unprepared data, unreadable or wrong-size images,
+empty or mismatched class folders, a wrong num_classes) raises `errors.DataError` from `get_dataset_info`, before the
+training loop writes anything; its message is one line naming the problem, the path and the fix.
 
 Batches are dicts of NumPy arrays: {'image': uint8 (B, H, W, 3) augmented but not normalised, 'label': int32 (B,)};
 eval batches add 'mask': bool (B,) (False on padding). Normalise on the device with
 `normalization.normalize_images(images, info.mean_std)`.
 
-Config keys read: dataset, data_dir, image_folder, num_classes, image_size, num_data_workers,
-synthetic_num_train_examples, seed; optional: tfds_name (read a dataset prepared under another name, e.g.
-'cifar10_jpeg'), normalization ('cifar100' | 'cifar10' | 'imagenet', image folders / synthetic only),
-synthetic_num_eval_examples, data_cache_dir (where decoded CIFAR-size arrays and image-check results are cached),
-eval_resize_size, skip_bad_images (image folders: leave unreadable files out instead of failing),
-allow_config_change (resume the training stream over a changed example count).
+Config keys read: dataset, data_dir, image_folder, num_classes (0: the dataset's own count, not for synthetic),
+image_size, num_data_workers, synthetic_num_train_examples, seed; optional: tfds_name (read a dataset prepared under
+another name, e.g. 'cifar10_jpeg'), normalization ('cifar100' | 'cifar10' | 'imagenet', image folders / synthetic
+only), synthetic_num_eval_examples, data_cache_dir (where decoded CIFAR-size arrays and image-check results are cached;
+default $XDG_CACHE_HOME/ffsd_jax/decoded, or <data_dir>/ffsd_decoded_cache for the TFDS datasets), eval_resize_size,
+skip_bad_images (image folders: leave unreadable files out instead of failing), allow_config_change (resume the
+training stream over a changed example count).
 """
 
 from __future__ import annotations
@@ -20,22 +26,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ffsd_jax import errors
+from ffsd_jax.data import augment
 from ffsd_jax.data import normalization
 from ffsd_jax.data import pipeline
 from ffsd_jax.data import sources
 
-__all__ = ['DatasetInfo', 'get_dataset_info', 'create_train_iterator', 'create_eval_batches']
+__all__ = ['DatasetInfo', 'get_dataset_info', 'describe_dataset', 'create_train_iterator', 'create_eval_batches']
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What the model and the loop need to know about a dataset (cheap to compute; decodes nothing)."""
   name: str
-  num_classes: int
+  num_classes: int  # The dataset's count (also when config.num_classes is 0).
   image_size: int
   num_train_examples: int
   num_eval_examples: int
@@ -52,18 +60,32 @@ class _Plan:
   train_reader: Any
   eval_reader: Any
   cache_key: dict[str, Any]
+  source: str = ''  # Where the examples come from, for `describe_dataset`.
+  eval_split: str = 'test'
+  classes_of: str = ''  # What has info.num_classes classes, for the num_classes error.
 
 
 def _config_key(config) -> tuple:
-  keys = ('dataset', 'data_dir', 'image_folder', 'tfds_name', 'num_classes', 'image_size', 'normalization',
+  keys = ('dataset', 'data_dir', 'image_folder', 'tfds_name', 'image_size', 'normalization',
           'synthetic_num_train_examples', 'synthetic_num_eval_examples', 'seed', 'skip_bad_images')
+  # config.num_classes only picks the labels of synthetic data; elsewhere it is checked against the plan (in `_plan`),
+  # so that an entry point writing the resolved count back into the config (0 -> 100) does not plan again.
+  if config.get('dataset') == 'synthetic':
+    keys += ('num_classes',)
   return tuple((k, str(config.get(k))) for k in keys)
 
 
-def _check_num_classes(config, actual: int, what: str) -> None:
-  if config.num_classes != actual:
-    raise ValueError(f'config.num_classes={config.num_classes} but {what} has {actual} classes; '
-                     f'set --config.num_classes={actual}.')
+def _resolve_num_classes(config, actual: int, what: str) -> int:
+  """`actual`, the dataset's class count, when config.num_classes is 0 (unset) or agrees with it.
+
+  Raises:
+    errors.DataError: config.num_classes is another nonzero count.
+  """
+  requested = int(config.get('num_classes') or 0)
+  if requested not in (0, actual):
+    raise errors.DataError(f'config.num_classes={requested} but {what} has {actual} classes; set '
+                           f'--config.num_classes={actual} (or 0 to take the dataset\'s count).')
+  return actual
 
 
 def _normalization_for(config, small: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -78,7 +100,9 @@ def _plan_cached(config: _FrozenConfig) -> _Plan:
 
 def _plan(config) -> _Plan:
   """The data plan of `config`, built once per distinct data setting (opening sources and decoding are costly)."""
-  return _plan_cached(_FrozenConfig(config))
+  plan = _plan_cached(_FrozenConfig(config))
+  _resolve_num_classes(config, plan.info.num_classes, plan.classes_of)
+  return plan
 
 
 class _FrozenConfig:
@@ -104,58 +128,101 @@ class _FrozenConfig:
 def _make_plan(config) -> _Plan:
   dataset = config.dataset
   if dataset not in sources.ALL_DATASETS:
-    raise ValueError(f'Unknown dataset {dataset!r}; valid choices: {list(sources.ALL_DATASETS)}.')
-  image_size = int(config.image_size)
-
+    raise errors.DataError(f'Unknown dataset {dataset!r}; set --config.dataset to one of '
+                           f'{", ".join(sources.ALL_DATASETS)}.')
   if dataset in sources.TFDS_DATASETS or (dataset == 'image_folder' and config.get('tfds_name')):
-    train_split, eval_split, num_train, num_eval, num_classes = sources.tfds_splits(config)
-    name = sources.tfds_name(config)
-    _check_num_classes(config, num_classes, f'TFDS dataset {name!r}')
-    if dataset in ('cifar100', 'cifar10'):
-      small, mean_std = True, normalization.get_mean_std(dataset)
-      if image_size != 32:
-        raise ValueError(f'{dataset} images are 32x32; set --config.image_size=32 (got {image_size}).')
-    elif dataset == 'imagenet2012':
-      small, mean_std = False, normalization.get_mean_std('imagenet')
-    else:
-      small = image_size <= sources.SMALL_IMAGE_MAX_SIZE
-      mean_std = _normalization_for(config, small)
-    train_reader = sources.TfdsReader(config, train_split)
-    eval_reader = sources.TfdsReader(config, eval_split)
-    cache_key = {'name': name, 'data_dir': str(pathlib.Path(sources.tfds_data_dir(config)).resolve()),
-                 'num_train': num_train, 'num_eval': num_eval, 'splits': (train_split, eval_split)}
-    info = DatasetInfo(name, num_classes, image_size, num_train, num_eval, mean_std)
-    return _Plan(info, small, train_reader, eval_reader, cache_key)
-
+    return _tfds_plan(config)
   if dataset == 'image_folder':
-    if not config.get('image_folder'):
-      raise ValueError("dataset='image_folder' needs --config.image_folder=<root> (with <root>/train/<class>/* and "
-                       "<root>/test|val/<class>/*), or --config.tfds_name for a folder prepared with "
-                       'scripts/prepare_data.py --image_folder.')
-    root = pathlib.Path(config.image_folder).expanduser().resolve()
-    splits = sources.scan_image_folder(root)
-    num_classes = len(splits['train'].class_names)
-    _check_num_classes(config, num_classes, f'image folder {root}')
-    # Every file is checked here, before anything compiles: one error lists all unreadable files.
-    splits, skipped = sources.check_image_folder(root, splits, skip_bad_images=bool(config.get('skip_bad_images')),
-                                                 cache_dir=sources.cache_dir(config))
-    small = image_size <= sources.SMALL_IMAGE_MAX_SIZE
-    info = DatasetInfo(f'image_folder:{root.name}', num_classes, image_size, len(splits['train'].paths),
-                       len(splits['test'].paths), _normalization_for(config, small), skipped_files=skipped)
-    cache_key = {'name': root.name, 'root': str(root), 'image_size': image_size,
-                 'files': _folder_fingerprint(splits)}
-    return _Plan(info, small, sources.FolderReader(splits['train']), sources.FolderReader(splits['test']), cache_key)
+    return _image_folder_plan(config)
+  return _synthetic_plan(config)
 
-  # Synthetic: random pixels and labels, for smoke runs and throughput only (never for accuracy).
+
+def _raise_problems(*problems: str) -> None:
+  """One DataError with every problem found (each a sentence), so that one rerun shows all of them."""
+  found = [problem for problem in problems if problem]
+  if found:
+    raise errors.DataError(' '.join(found))
+
+
+def _problem(check: Callable[[], Any]) -> tuple[Any, str]:
+  """(check(), '') or (None, the DataError's message)."""
+  try:
+    return check(), ''
+  except errors.DataError as error:
+    return None, str(error)
+
+
+def _tfds_plan(config) -> _Plan:
+  dataset, image_size = config.dataset, int(config.image_size)
+  train_split, eval_split, num_train, num_eval, num_classes = sources.tfds_splits(config)
+  name = sources.tfds_name(config)
+  _, classes_problem = _problem(lambda: _resolve_num_classes(config, num_classes, f'TFDS dataset {name!r}'))
+  size_problem = ''
+  if dataset in ('cifar100', 'cifar10'):
+    small, mean_std = True, normalization.get_mean_std(dataset)
+    if image_size != 32:
+      size_problem = f'{dataset} images are 32x32; set --config.image_size=32 (got {image_size}).'
+  elif dataset == 'imagenet2012':
+    small, mean_std = False, normalization.get_mean_std('imagenet')
+  else:
+    small = image_size <= sources.SMALL_IMAGE_MAX_SIZE
+    mean_std = _normalization_for(config, small)
+  _raise_problems(classes_problem, size_problem)
+  data_dir = pathlib.Path(sources.tfds_data_dir(config)).resolve()
+  cache_key = {'name': name, 'data_dir': str(data_dir), 'num_train': num_train, 'num_eval': num_eval,
+               'splits': (train_split, eval_split)}
+  info = DatasetInfo(name, num_classes, image_size, num_train, num_eval, mean_std)
+  return _Plan(info, small, sources.TfdsReader(config, train_split), sources.TfdsReader(config, eval_split),
+               cache_key, source=f'TFDS ArrayRecord in {data_dir}', eval_split=eval_split,
+               classes_of=f'TFDS dataset {name!r}')
+
+
+def _image_folder_plan(config) -> _Plan:
+  if not config.get('image_folder'):
+    raise errors.DataError(
+        "dataset='image_folder' needs --config.image_folder=<root> (with <root>/train/<class>/* and "
+        '<root>/test|val/<class>/*), or --config.tfds_name=<name> with --config.data_dir for a folder prepared by '
+        '`python scripts/prepare_data.py --image_folder <root> --name <name> --data_dir <dir>`.')
+  image_size = int(config.image_size)
+  root = pathlib.Path(config.image_folder).expanduser().resolve()
+  splits = sources.scan_image_folder(root)
+  num_classes = len(splits['train'].class_names)
+  _, classes_problem = _problem(lambda: _resolve_num_classes(config, num_classes, f'image folder {root}'))
+  small = image_size <= sources.SMALL_IMAGE_MAX_SIZE
+  skip_bad_images = bool(config.get('skip_bad_images'))
+  # Every file is checked here, before anything compiles or is written: one error lists every problem.
+  checked, check_problem = _problem(lambda: sources.check_image_folder(
+      root, splits, skip_bad_images=skip_bad_images, cache_dir=sources.cache_dir(config),
+      expected_size=image_size if small else None))
+  _raise_problems(classes_problem, check_problem)
+  splits, skipped = checked
+  info = DatasetInfo(f'image_folder:{root.name}', num_classes, image_size, len(splits['train'].paths),
+                     len(splits['test'].paths), _normalization_for(config, small), skipped_files=skipped)
+  cache_key = {'name': root.name, 'root': str(root), 'image_size': image_size,
+               'files': _folder_fingerprint(splits)}
+  mid_run_fix = sources.MID_RUN_FOLDER_FIX_SKIPPING if skip_bad_images else sources.MID_RUN_FOLDER_FIX
+  return _Plan(info, small, sources.FolderReader(splits['train'], mid_run_fix),
+               sources.FolderReader(splits['test'], mid_run_fix), cache_key, source=f'image folder {root}',
+               eval_split=sources.image_folder_eval_dir(root).name, classes_of=f'image folder {root}')
+
+
+def _synthetic_plan(config) -> _Plan:
+  """Random pixels and labels, for smoke runs and throughput only (never for accuracy)."""
+  num_classes = int(config.get('num_classes') or 0)
+  if num_classes < 1:
+    raise errors.DataError("dataset='synthetic' needs --config.num_classes (e.g. 100): synthetic data has no classes "
+                           "of its own, so 0 (take the dataset's count) does not apply.")
   num_train = int(config.get('synthetic_num_train_examples', 50_000))
   num_eval = int(config.get('synthetic_num_eval_examples', 10_000) or 10_000)
+  image_size = int(config.image_size)
   small = image_size <= sources.SMALL_IMAGE_MAX_SIZE
   seed = int(config.get('seed', 0))
-  info = DatasetInfo('synthetic', int(config.num_classes), image_size, num_train, num_eval,
-                     _normalization_for(config, small))
+  info = DatasetInfo('synthetic', num_classes, image_size, num_train, num_eval, _normalization_for(config, small))
   return _Plan(info, small,
                sources.SyntheticReader(num_train, info.num_classes, image_size, seed, split_id=0),
-               sources.SyntheticReader(num_eval, info.num_classes, image_size, seed, split_id=1), {})
+               sources.SyntheticReader(num_eval, info.num_classes, image_size, seed, split_id=1), {},
+               source=f'random pixels and labels from seed {seed}, for smoke runs and throughput only',
+               classes_of='synthetic data')
 
 
 def _folder_fingerprint(splits) -> str:
@@ -170,8 +237,48 @@ def _folder_fingerprint(splits) -> str:
 
 
 def get_dataset_info(config) -> DatasetInfo:
-  """Describes the configured dataset; fails here, within seconds, when it is missing (with the prepare command)."""
+  """Describes the configured dataset; checks it first (an image folder's every file, from cache on a rerun).
+
+  Raises:
+    errors.DataError: the dataset cannot be read as configured (one line: the problem, the path and the fix).
+  """
   return _plan(config).info
+
+
+def _eval_resize_size(config, image_size: int) -> int:
+  return int(config.get('eval_resize_size') or round(image_size * 256 / 224))
+
+
+def _floats(values: Iterable[float]) -> str:
+  return '(' + ', '.join(f'{v:g}' for v in values) + ')'
+
+
+def describe_dataset(info: DatasetInfo, config) -> str:
+  """One line saying what the run reads: source, counts, classes, size, pipelines, normalisation, cache, skips.
+
+  Args:
+    info: `get_dataset_info(config)`.
+    config: the run's config.
+  """
+  plan = _plan(config)
+  size = info.image_size
+  parts = [f'{info.num_train_examples:,} train / {info.num_eval_examples:,} {plan.eval_split} images',
+           f'{info.num_classes:,} classes', f'{size}x{size}']
+  synthetic = isinstance(plan.train_reader, sources.SyntheticReader)
+  if plan.small:
+    parts.append(f'train pipeline: reflect-pad {augment.CIFAR_PAD} + crop {size} + flip, eval: the image as stored')
+  else:
+    workers = int(config.get('num_data_workers', 0) or 0)
+    made = 'generated' if synthetic else 'decoded'
+    parts.append(f'train pipeline: random-resized-crop {size} (scale 0.08-1, ratio 3/4-4/3) + flip, eval: resize '
+                 f'{_eval_resize_size(config, size)} + centre-crop {size}, {made} per example in '
+                 + (f'{workers} worker processes' if workers else 'threads'))
+  mean, std = info.mean_std
+  parts.append(f'normalisation mean {_floats(mean)} std {_floats(std)}')
+  parts.append(f'decoded-image cache: {sources.cache_dir(config) if plan.small and not synthetic else "none"}')
+  if info.skipped_files:
+    parts.append(f'{len(info.skipped_files):,} unreadable images left out (skip_bad_images)')
+  return f'Dataset {info.name} ({plan.source}): ' + ', '.join(parts)
 
 
 def _small_arrays(config, plan: _Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -200,8 +307,9 @@ def create_train_iterator(config, *, global_batch_size: int, process_index: int,
 
   Each epoch is reshuffled (permutation from (seed, epoch)) and has num_train_examples // global_batch_size steps:
   the last partial batch is dropped. `get_state()` / `set_state()` give exact resume. `.steps_per_epoch` is set.
-  A state saved over another number of training examples is refused, unless config.allow_config_change is True:
-  then the stream continues at the same batch index over the new example set (see ResumableIterator.set_state).
+  A state saved over another number of training examples or another global batch is refused, unless
+  config.allow_config_change is True: then the stream continues at the same batch index over the new layout (see
+  ResumableIterator.set_state).
   """
   plan = _plan(config)
   info = {'dataset': plan.info.name, 'global_batch_size': int(global_batch_size), 'process_index': int(process_index),
@@ -211,12 +319,12 @@ def create_train_iterator(config, *, global_batch_size: int, process_index: int,
     images, labels = _small_arrays(config, plan, 'train')
     return pipeline.array_train_iterator(images, labels, global_batch_size=global_batch_size,
                                          process_index=process_index, process_count=process_count, seed=seed,
-                                         info=info, allow_example_count_change=allow_change)
+                                         info=info, allow_layout_change=allow_change)
   return pipeline.grain_train_iterator(plan.train_reader, plan.info.num_train_examples,
                                        image_size=plan.info.image_size, global_batch_size=global_batch_size,
                                        process_index=process_index, process_count=process_count, seed=seed,
                                        num_workers=int(config.get('num_data_workers', 0) or 0), info=info,
-                                       allow_example_count_change=allow_change)
+                                       allow_layout_change=allow_change)
 
 
 def create_eval_batches(config, *, global_batch_size: int, process_index: int, process_count: int
@@ -231,6 +339,6 @@ def create_eval_batches(config, *, global_batch_size: int, process_index: int, p
     images, labels = _small_arrays(config, plan, 'eval')
     return pipeline.ArrayEvalBatches(images, labels, layout)
   size = plan.info.image_size
-  resize_size = int(config.get('eval_resize_size') or round(size * 256 / 224))
+  resize_size = _eval_resize_size(config, size)
   return pipeline.GrainEvalBatches(plan.eval_reader, layout, size, resize_size,
                                    int(config.get('num_data_workers', 0) or 0))

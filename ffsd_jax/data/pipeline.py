@@ -6,12 +6,13 @@ N // G steps); process p takes the slice [p*L, (p+1)*L) of that global batch (L 
 randomness is a function of (seed, epoch, global position) as well, so a global batch is the same whatever the number
 of processes. Batch k of the stream is therefore a pure function of k, and the iterator state is just k.
 
-Resuming over a changed example set (N -> N', only with allow_example_count_change, i.e. --config.allow_config_change):
-the state k is kept and batch k is read from the new layout, i.e. epoch k // (N' // G), step k % (N' // G) over the
-permutations of N'. Batch k is the k-th training step, so the stream's epochs stay aligned with the training loop's,
+Resuming over a changed example set or global batch (N -> N', G -> G', only with allow_layout_change, i.e.
+--config.allow_config_change): the state k is kept and batch k is read from the new layout, i.e. epoch k // (N' // G'),
+step k % (N' // G') over the permutations of N'. Batch k is the k-th training step, so the stream's epochs stay aligned with the training loop's,
 which counts epochs with the new steps-per-epoch too (learning-rate schedule, evaluation after each epoch). When
 N // G is unchanged (e.g. one file of 481 removed at batch 128) that is the same epoch and step as before. Either way
-every permutation changes with N, so the data order from k on differs from an uninterrupted run.
+every permutation changes with N (and every batch with G), so the data order from k on differs from an uninterrupted
+run.
 """
 
 from __future__ import annotations
@@ -20,15 +21,26 @@ import atexit
 import os
 import queue
 import threading
+import weakref
 from typing import Any, Callable, Iterator
 
 from absl import logging
 import numpy as np
 
+from ffsd_jax import errors
 from ffsd_jax.data import augment
 
 _PERMUTATION_STREAM = 0
 _AUGMENT_STREAM = 1
+
+
+class IteratorStateError(errors.UserError, ValueError):
+  """A saved training-input state that does not fit this run: a refused resume (exit status 2, as a config change).
+
+  Raised for another batch size, seed, process layout or (without allow_config_change) example set.
+  """
+
+  exit_code = errors.EXIT_USAGE
 
 
 class EpochOrder:
@@ -58,8 +70,8 @@ class _Layout:
     self.process_index = process_index
     self.steps_per_epoch = num_examples // global_batch_size
     if self.steps_per_epoch == 0:
-      raise ValueError(f'The training split has {num_examples} examples, fewer than one global batch '
-                       f'({global_batch_size}); lower config.batch_size.')
+      raise errors.DataError(f'The training split has {num_examples} examples, fewer than one global batch '
+                             f'({global_batch_size}); lower config.batch_size.')
 
   def batch_positions(self, batch: int) -> tuple[int, np.ndarray]:
     """(epoch, global positions within the epoch's permutation) of this process's part of stream batch `batch`."""
@@ -73,13 +85,13 @@ class ResumableIterator:
 
   `get_state()` returns {'next_batch': k} (JSON-serialisable): the index of the batch the next `next()` returns,
   counting batches handed to the caller, not those prefetched. `set_state` restarts production there.
-  With `allow_example_count_change`, `set_state` accepts a state saved over another number of training examples.
+  With `allow_layout_change`, `set_state` accepts a state saved over another number of training examples.
   """
 
   def __init__(self, make_batch: Callable[[int], dict[str, np.ndarray]], info: dict[str, Any],
                prefetch: int = 2, stream_factory: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None,
-               allow_example_count_change: bool = False):
-    self._allow_example_count_change = allow_example_count_change
+               allow_layout_change: bool = False):
+    self._allow_layout_change = allow_layout_change
     self._make_batch = make_batch
     self._stream_factory = stream_factory
     self._info = info
@@ -120,6 +132,7 @@ class ResumableIterator:
         _close_quietly(stream)  # Ends grain's worker processes now rather than at garbage collection.
 
     self._thread = threading.Thread(target=produce, daemon=True, name='ffsd-input')
+    _open_iterators.add(self)
     self._thread.start()
 
   def _halt(self):
@@ -132,6 +145,7 @@ class ResumableIterator:
     if self._prefetch <= 0:
       if self._sync_stream is None:
         self._sync_stream = self._stream(self._next)
+        _open_iterators.add(self)
       batch = next(self._sync_stream)
     else:
       if self._thread is None:
@@ -150,33 +164,26 @@ class ResumableIterator:
   def set_state(self, state: dict[str, Any]) -> None:
     """Continues with exactly the batches the iterator that produced `state` would have yielded next.
 
-    A state saved over another number of training examples is refused, or, with allow_example_count_change, resumed
-    at the same batch index over the new example set (see the module docstring); every other mismatch is refused.
+    A state saved over another number of training examples or another global batch is refused, or, with
+    allow_layout_change, resumed at the same batch index over the new layout (see the module docstring); every other
+    mismatch is refused.
     """
     changed = [key for key, value in self._info.items() if key in state and state[key] != value]
     for key in changed:
-      if key not in _EXAMPLE_COUNT_KEYS:
-        raise ValueError(f'Input-iterator state was saved with {key}={state[key]!r} but this run has '
-                         f'{self._info[key]!r}; exact resume needs the same dataset, batch size, seed and process '
-                         'layout.')
+      if key not in _LAYOUT_KEYS:
+        raise IteratorStateError(f'Input-iterator state was saved with {key}={state[key]!r} but this run has '
+                                 f'{self._info[key]!r}; exact resume needs the same dataset, batch size, seed and '
+                                 'process layout.')
     next_batch = int(state['next_batch'])
-    if 'num_train_examples' in changed:
-      saved, now = state['num_train_examples'], self._info['num_train_examples']
-      if not self._allow_example_count_change:
-        raise ValueError(
-            f'Input-iterator state was saved with num_train_examples={saved} but this run has {now}. Exact resume '
-            'needs the same example set: the order of every epoch is a permutation of all training examples, so '
-            f'another count changes every later batch. Either restore the training set to its {saved} examples '
-            '(e.g. put back a removed file; exact resume), or pass --config.allow_config_change=True to resume at the '
-            f'same step over the {now} examples (the data order from there on differs from an uninterrupted run).')
+    if changed:
+      what = _layout_change(state, self._info)
+      if not self._allow_layout_change:
+        raise IteratorStateError(f'Input-iterator state was saved with {what}. {_layout_advice(state, self._info)}')
       epoch, step = divmod(next_batch, self._info['steps_per_epoch'])
       logging.warning(
-          'Resuming the training input at batch %d (epoch %d, step %d of %d) over %d training examples; the '
-          'checkpoint was trained over %d (allow_config_change). The data order from here on differs from an '
-          'uninterrupted run.', next_batch, epoch, step, self._info['steps_per_epoch'], now, saved)
-    elif changed:  # steps_per_epoch alone: it is a function of the example count and the batch size.
-      raise ValueError(f'Input-iterator state was saved with steps_per_epoch={state["steps_per_epoch"]} but this run '
-                       f'has {self._info["steps_per_epoch"]}; exact resume needs the same example set and batch size.')
+          'Resuming the training input at batch %d (epoch %d, step %d of %d) with %s (allow_config_change). The data '
+          'order from here on differs from an uninterrupted run.', next_batch, epoch, step,
+          self._info['steps_per_epoch'], what)
     self.close()
     self._next = next_batch
 
@@ -198,8 +205,29 @@ class ResumableIterator:
       pass
 
 
-# Settings that change with the example set; a state saved with others can resume with allow_example_count_change.
-_EXAMPLE_COUNT_KEYS = ('num_train_examples', 'steps_per_epoch')
+# Settings of the stream's layout; a state saved with others can resume with allow_layout_change.
+_LAYOUT_KEYS = ('num_train_examples', 'global_batch_size', 'steps_per_epoch')
+
+
+def _layout_change(saved: dict[str, Any], now: dict[str, Any]) -> str:
+  """'num_train_examples=481 but this run has 480' for each changed example count or global batch."""
+  keys = [k for k in ('num_train_examples', 'global_batch_size') if saved.get(k) != now[k]] or ['steps_per_epoch']
+  return ' and '.join(f'{k}={saved.get(k)!r} but this run has {now[k]!r}' for k in keys)
+
+
+def _layout_advice(saved: dict[str, Any], now: dict[str, Any]) -> str:
+  """How to resume exactly, and how to go on with the new layout."""
+  if saved.get('global_batch_size') != now['global_batch_size']:
+    return (f'Exact resume needs the same global batch: rerun with --config.batch_size={saved["global_batch_size"]} '
+            'on a device count that divides it, or pass --config.allow_config_change=True to continue with the new '
+            'batch from the same step (the step counter, the optimizer state and the step-based schedule continue; '
+            'epochs are counted with the new steps per epoch; the data order from there on differs from an '
+            'uninterrupted run).')
+  return (f'Exact resume needs the same example set: the order of every epoch is a permutation of all training '
+          f'examples, so another count changes every later batch. Either restore the training set to its '
+          f'{saved.get("num_train_examples")} examples (e.g. put back a removed file; exact resume), or pass '
+          f'--config.allow_config_change=True to resume at the same step over the {now["num_train_examples"]} examples '
+          '(the data order from there on differs from an uninterrupted run).')
 
 
 def _count(start: int):
@@ -211,7 +239,7 @@ def _count(start: int):
 
 def array_train_iterator(images: np.ndarray, labels: np.ndarray, *, global_batch_size: int, process_index: int,
                          process_count: int, seed: int, info: dict[str, Any], prefetch: int = 2,
-                         allow_example_count_change: bool = False) -> ResumableIterator:
+                         allow_layout_change: bool = False) -> ResumableIterator:
   """CIFAR-style training batches from decoded arrays: gather, reflect-pad 4, random crop, flip; vectorised."""
   layout = _Layout(len(images), global_batch_size, process_index, process_count)
   order = EpochOrder(len(images), seed)
@@ -229,7 +257,7 @@ def array_train_iterator(images: np.ndarray, labels: np.ndarray, *, global_batch
     return {'image': batch_images, 'label': labels[indices].astype(np.int32)}
 
   info = dict(info, steps_per_epoch=layout.steps_per_epoch)
-  return ResumableIterator(make_batch, info, prefetch=prefetch, allow_example_count_change=allow_example_count_change)
+  return ResumableIterator(make_batch, info, prefetch=prefetch, allow_layout_change=allow_layout_change)
 
 
 class _ImageNetTrainExample:
@@ -296,7 +324,44 @@ def _grain_stream(element_fn, start_position: int, stop_position: int, local_bat
   _mark_absl_flags_parsed()
   dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                              per_worker_buffer_size=_PER_WORKER_BUFFER_BATCHES))
-  return iter(dataset)
+  stream = _SharedMemoryReleasingIterator(iter(dataset))
+  _register_exit_cleanup()
+  return stream
+
+
+def _release_shared_memory(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Unlinks the names of the shared-memory blocks that grain's workers hand `batch` over in; returns `batch`.
+
+  grain unlinks a block only when its array is garbage-collected, and then in a background thread: blocks of batches
+  still alive at exit (held by the caller, or queued for the delete thread) stay behind, and Python's
+  resource_tracker warns "leaked shared_memory objects" at exit. Unlinking the name as soon as the batch arrives
+  removes that window; the memory itself stays mapped and valid until the array is freed (POSIX shm_unlink).
+  """
+  for array in batch.values():
+    shm = getattr(array, 'shm', None)
+    if shm is not None and getattr(array, '_unlink_on_del', False):
+      array._unlink_on_del = False  # pylint: disable=protected-access  (else its __del__ would unlink it again)
+      try:
+        shm.unlink()
+      except FileNotFoundError:
+        pass
+  return batch
+
+
+class _SharedMemoryReleasingIterator:
+  """A grain worker stream whose batches own no shared-memory names (see `_release_shared_memory`)."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return _release_shared_memory(next(self._stream))
+
+  def close(self) -> None:
+    _close_quietly(self._stream)
 
 
 def _close_quietly(iterator) -> None:
@@ -310,7 +375,7 @@ def _close_quietly(iterator) -> None:
 
 def grain_train_iterator(reader, num_examples: int, *, image_size: int, global_batch_size: int, process_index: int,
                          process_count: int, seed: int, num_workers: int, info: dict[str, Any],
-                         allow_example_count_change: bool = False) -> ResumableIterator:
+                         allow_layout_change: bool = False) -> ResumableIterator:
   """ImageNet-style training batches: per-example PIL decode + RandomResizedCrop + flip in grain workers."""
   layout = _Layout(num_examples, global_batch_size, process_index, process_count)
   element_fn = _ImageNetTrainExample(reader, layout, num_examples, seed, image_size)
@@ -324,7 +389,7 @@ def grain_train_iterator(reader, num_examples: int, *, image_size: int, global_b
 
   info = dict(info, steps_per_epoch=layout.steps_per_epoch)
   return ResumableIterator(make_batch, info, prefetch=2, stream_factory=stream_factory,
-                           allow_example_count_change=allow_example_count_change)
+                           allow_layout_change=allow_layout_change)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,8 +465,9 @@ class _LiveEvalWorkers:
     dataset = dataset.batch(layout.local_batch, drop_remainder=True).repeat(None)
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     _mark_absl_flags_parsed()
-    self.stream = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER_BATCHES)))
+    self.stream = _SharedMemoryReleasingIterator(iter(dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=_PER_WORKER_BUFFER_BATCHES))))
+    _register_exit_cleanup()
 
   def close(self):
     _close_quietly(self.stream)
@@ -418,7 +484,40 @@ def close_eval_workers() -> None:
       _live_eval_workers.pop().close()
 
 
-atexit.register(close_eval_workers)
+_exit_cleanup_registered = False
+_open_iterators: weakref.WeakSet = weakref.WeakSet()  # ResumableIterators, to stop their grain workers at exit.
+
+
+def _close_at_exit() -> None:
+  """Stops every grain worker stream and waits for grain's pending shared-memory deletes (see below)."""
+  for iterator in list(_open_iterators):
+    iterator.close()
+  close_eval_workers()
+  # Batches dropped by the closes above unlink their blocks in grain's delete thread (SharedMemoryArray.__del__);
+  # multiprocessing's exit handler would then end that thread with the deletes still queued, and resource_tracker
+  # would warn about leaked blocks. One no-op through the same single-thread pool waits for those queued before it.
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Another grain layout: nothing to wait for that we know of.
+    return
+  delete_pool = getattr(shared_memory_array.SharedMemoryArray, '_del_thread_pool', None)
+  if delete_pool is not None:
+    try:
+      delete_pool.apply(int)
+    except Exception:  # pylint: disable=broad-except  (a pool already closed has nothing left to wait for)
+      pass
+
+
+def _register_exit_cleanup() -> None:
+  """Registers `_close_at_exit` once, after grain (and multiprocessing.util) are imported.
+
+  atexit runs its handlers last-registered first: registered after multiprocessing's own exit handler, ours runs
+  before it, while grain's worker processes and its delete thread still run.
+  """
+  global _exit_cleanup_registered
+  if not _exit_cleanup_registered:
+    _exit_cleanup_registered = True
+    atexit.register(_close_at_exit)
 
 
 class GrainEvalBatches:

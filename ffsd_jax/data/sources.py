@@ -7,6 +7,7 @@ always decoded with PIL, so that every path sees the same pixels. Nothing here i
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import pathlib
+import time
 from concurrent import futures
 from typing import Any, Callable, Sequence
 
@@ -21,12 +23,44 @@ from absl import logging
 import numpy as np
 import PIL.Image
 
+from ffsd_jax import errors
+
 TFDS_DATASETS = ('cifar100', 'cifar10', 'imagenet2012')
 ALL_DATASETS = TFDS_DATASETS + ('image_folder', 'synthetic')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
 # Image folders with images at most this size use the CIFAR-style pipeline (decode once, pad-and-crop).
 SMALL_IMAGE_MAX_SIZE = 64
 _CACHE_FORMAT_VERSION = 1
+# Progress of long passes (image checks, decoding) is logged at most this often and per this fraction of the work.
+PROGRESS_INTERVAL_S = 5.0
+PROGRESS_FRACTION = 0.1
+
+
+class Progress:
+  """Logs a long pass over `total` items in a handful of lines, however long the pass.
+
+  One line at the start, then one at most every PROGRESS_INTERVAL_S seconds and PROGRESS_FRACTION of the items; the
+  line at the end (with `elapsed()`) is the caller's, which knows the outcome.
+  """
+
+  def __init__(self, doing: str, total: int):
+    self._doing, self._total = doing, total
+    self._start = self._last_time = time.monotonic()
+    self._last_done = 0
+    logging.info('%s ...', doing)
+
+  def update(self, done: int) -> None:
+    """Logs a line when enough time and work passed since the last one (never at the end: the caller logs that)."""
+    now = time.monotonic()
+    if (done < self._total and now - self._last_time >= PROGRESS_INTERVAL_S
+        and done - self._last_done >= PROGRESS_FRACTION * self._total):
+      logging.info('%s: %s of %s (%d%%) in %.0f s', self._doing, f'{done:,}', f'{self._total:,}',
+                   100 * done // max(1, self._total), now - self._start)
+      self._last_time, self._last_done = now, done
+
+  def elapsed(self) -> float:
+    """Seconds since the pass started."""
+    return time.monotonic() - self._start
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -53,6 +87,9 @@ def decode_image(data: bytes | str | os.PathLike | np.ndarray, what: str | Calla
 
   Errors name `what` (the file, or the record with its split and dataset) and end with `fix` (what to do about it);
   either may be a function, called only on error.
+
+  Raises:
+    errors.DataError: the data cannot be decoded (one line: what, the decoder's reason, and `fix`).
   """
   if isinstance(data, np.ndarray):  # Already decoded (TFDS decoding, see SKIP_TFDS_IMAGE_DECODING).
     array = np.asarray(data)
@@ -64,8 +101,8 @@ def decode_image(data: bytes | str | os.PathLike | np.ndarray, what: str | Calla
       return to_rgb(image)
   except Exception as error:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...).
     what, fix = (what() if callable(what) else what), (fix() if callable(fix) else fix)
-    raise ValueError(f'Cannot decode image {what}: {type(error).__name__}: {error}' + (f'\n{fix}' if fix else '')
-                     ) from error
+    raise errors.DataError(f'Cannot decode image {what}: {type(error).__name__}: {errors.one_line(error)}'
+                           + (f' {fix}' if fix else '')) from error
 
 
 def tfds_data_dir(config) -> str:
@@ -92,15 +129,25 @@ def prepare_command(config) -> str:
 
 
 def _check_tfds_prepared(config) -> None:
-  """Fails fast (before TFDS can start a download) when the dataset is not prepared under data_dir."""
+  """Fails fast (before TFDS can start a download) when the dataset is not prepared under data_dir.
+
+  Raises:
+    errors.DataError: data_dir is missing, or holds no prepared copy of the dataset (with the prepare command).
+  """
   name, data_dir = tfds_name(config), tfds_data_dir(config)
   folder = pathlib.Path(data_dir) / name
-  prepared = folder.is_dir() and (any(folder.glob('*/dataset_info.json')) or any(folder.glob('*/*/dataset_info.json')))
-  if not prepared:
-    raise FileNotFoundError(
-        f'TFDS dataset {name!r} is not prepared in data_dir={data_dir!r} (no {folder}/<version>/dataset_info.json). '
-        f'Prepare it once with:\n  {prepare_command(config)}\n'
-        'or point --config.data_dir at the folder that holds it.')
+  where = '' if config.get('data_dir') else ' (the TFDS default: --config.data_dir is unset)'
+  if not pathlib.Path(data_dir).is_dir():
+    state = 'is not a folder' if pathlib.Path(data_dir).exists() else 'does not exist'
+    problem = f'The data_dir {data_dir}{where} {state}, so TFDS dataset {name!r} cannot be read from it'
+  elif not (folder.is_dir() and (any(folder.glob('*/dataset_info.json'))
+                                 or any(folder.glob('*/*/dataset_info.json')))):
+    problem = (f'TFDS dataset {name!r} is not prepared in data_dir {data_dir}{where} (no '
+               f'{folder}/<version>/dataset_info.json)')
+  else:
+    return
+  raise errors.DataError(f'{problem}; prepare it once with `{prepare_command(config)}`, or point --config.data_dir '
+                         'at the folder that holds it.')
 
 
 # Images are read undecoded and decoded here with PIL (TFDS would pick OpenCV when installed: another decoder, other
@@ -117,9 +164,10 @@ def open_tfds_split(config, split: str):
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
   except Exception as error:
-    raise FileNotFoundError(
-        f'Cannot open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r}: {error}\n'
-        f'Prepare it with:\n  {prepare_command(config)}') from error
+    raise errors.DataError(
+        f'Cannot open TFDS dataset {name!r} split {split!r} in data_dir {data_dir}: {type(error).__name__}: '
+        f'{errors.one_line(error)}; if the prepared copy is damaged, delete it and prepare it '
+        f'again with `{prepare_command(config)}`.') from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +186,8 @@ def _tfds_eval_split(name: str, splits: Sequence[str]) -> str:
   for candidate in ('test', 'validation', 'val'):
     if candidate in splits:
       return candidate
-  raise ValueError(f'The dataset has no test/validation split; splits: {sorted(splits)}.')
+  raise errors.DataError(f'TFDS dataset {name!r} has no test, validation or val split (it has {sorted(splits)}); '
+                         'prepare it again from a folder with a test/ or val/ split.')
 
 
 def tfds_splits(config) -> tuple[str, str, int, int, int]:
@@ -167,6 +216,10 @@ def _list_classes(split_dir: pathlib.Path) -> list[str]:
   return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith('.'))
 
 
+# What an image folder must look like, for error messages.
+_FOLDER_LAYOUT = '<root>/train/<class>/* and <root>/test/<class>/* (or val/, validation/)'
+
+
 def image_folder_class_names(root: pathlib.Path) -> tuple[str, ...]:
   """Class names in label order: `<root>/classes.txt` (one per line) if present, else the sorted train folders.
 
@@ -176,18 +229,54 @@ def image_folder_class_names(root: pathlib.Path) -> tuple[str, ...]:
   classes_file = root / 'classes.txt'
   if classes_file.exists():
     names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
-    if len(set(names)) != len(names):
-      raise ValueError(f'{classes_file} lists a class more than once.')
+    repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+    if repeated:
+      raise errors.DataError(f'{classes_file} lists {_few(repeated)} more than once; list every class once.')
     return tuple(names)
   return tuple(_list_classes(root / 'train'))
 
 
 def image_folder_eval_dir(root: pathlib.Path) -> pathlib.Path:
+  """The evaluation split's folder of an image folder: test/, val/ or validation/ (the first present)."""
   for candidate in ('test', 'val', 'validation'):
     if (root / candidate).is_dir():
       return root / candidate
-  raise FileNotFoundError(f'Image folder {root} has no test/, val/ or validation/ folder (expected '
-                          '<root>/train/<class>/* and <root>/test|val/<class>/*).')
+  raise errors.DataError(f'Image folder {root} has no test/, val/ or validation/ folder; an image folder needs '
+                         f'{_FOLDER_LAYOUT}.')
+
+
+def _few(names: Sequence[str], limit: int = 10) -> str:
+  """`names` joined with ', ', at most `limit` of them, then 'and N more'."""
+  shown = ', '.join(str(name) for name in names[:limit])
+  return shown + (f' and {len(names) - limit:,} more' if len(names) > limit else '')
+
+
+def _check_image_folder_root(root: pathlib.Path) -> None:
+  if not root.exists():
+    raise errors.DataError(f'Image folder {root} does not exist; set --config.image_folder to a folder holding '
+                           f'{_FOLDER_LAYOUT}.')
+  if not (root / 'train').is_dir():
+    raise errors.DataError(f'Image folder {root} has no train/ folder; set --config.image_folder to a folder holding '
+                           f'{_FOLDER_LAYOUT}.')
+
+
+def _class_problems(root: pathlib.Path, eval_dir: pathlib.Path, train_classes: Sequence[str],
+                    eval_classes: Sequence[str], class_names: Sequence[str]) -> list[str]:
+  """Why the class folders of the two splits cannot be labelled consistently (empty when they can)."""
+  problems = []
+  # A class missing from one split would silently shift every later label there if each split were indexed alone.
+  only_train = sorted(set(train_classes) - set(eval_classes))
+  only_eval = sorted(set(eval_classes) - set(train_classes))
+  if only_train or only_eval:
+    problems.append(
+        f'Image folder {root}: the class folders of train/ and {eval_dir.name}/ differ (only in train/: '
+        f'{_few(only_train) or "none"}; only in {eval_dir.name}/: {_few(only_eval) or "none"}); add the missing '
+        'class folders or remove the extra ones, so that both splits hold the same classes and labels agree.')
+  unlisted = sorted(set(train_classes) - set(class_names))
+  if unlisted:
+    problems.append(f'Class folders {_few(unlisted)} of {root} are not listed in {root / "classes.txt"}; add them '
+                    'to it or remove them.')
+  return problems
 
 
 def scan_image_folder(root: str | os.PathLike) -> dict[str, FolderSplit]:
@@ -197,46 +286,46 @@ def scan_image_folder(root: str | os.PathLike) -> dict[str, FolderSplit]:
   as unreadable images (a link that points nowhere is a missing image, not a file to pass over in silence).
 
   Raises:
-    FileNotFoundError: the root, train/ or the evaluation folder is missing, or a class folder is empty.
-    ValueError: a class folder exists in one split but not in the other, or is not listed in classes.txt.
+    errors.DataError: the root, train/ or the evaluation folder is missing, or the class folders are unusable (a
+      folder in one split only or not in classes.txt, an empty one); every such problem in one line.
   """
   root = pathlib.Path(root).expanduser()
-  if not (root / 'train').is_dir():
-    raise FileNotFoundError(f'Image folder {root} has no train/ folder (expected <root>/train/<class>/* and '
-                            '<root>/test|val/<class>/*); set --config.image_folder to such a root.')
+  _check_image_folder_root(root)
+  start = time.monotonic()
+  logging.info('Scanning image folder %s ...', root)
   train_dir, eval_dir = root / 'train', image_folder_eval_dir(root)
   train_classes, eval_classes = _list_classes(train_dir), _list_classes(eval_dir)
-  # A class missing from one split would silently shift every later label there if each split were indexed alone.
-  only_train = sorted(set(train_classes) - set(eval_classes))
-  only_eval = sorted(set(eval_classes) - set(train_classes))
-  if only_train or only_eval:
-    raise ValueError(
-        f'Image folder {root}: the class folders of {train_dir.name}/ and {eval_dir.name}/ differ. '
-        f'Only in {train_dir.name}/: {only_train[:10]}{"..." if len(only_train) > 10 else ""}; '
-        f'only in {eval_dir.name}/: {only_eval[:10]}{"..." if len(only_eval) > 10 else ""}. '
-        'Both splits need the same class folders so that labels agree.')
   class_names = image_folder_class_names(root)
+  problems = _class_problems(root, eval_dir, train_classes, eval_classes, class_names)
   index = {name: i for i, name in enumerate(class_names)}
-  unlisted = sorted(set(train_classes) - set(index))
-  if unlisted:
-    raise ValueError(f'Class folders {unlisted[:10]} of {root} are not listed in {root / "classes.txt"}.')
-  splits = {}
+  splits, empty = {}, []
   for split_name, split_dir, classes in (('train', train_dir, train_classes), ('test', eval_dir, eval_classes)):
     paths, labels = [], []
     for name in classes:
       files = sorted(str(p) for p in (split_dir / name).iterdir()
                      if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS)
       if not files:
-        raise FileNotFoundError(f'Class folder {split_dir / name} holds no images ({", ".join(IMAGE_EXTENSIONS)}).')
+        empty.append(f'{split_dir.name}/{name}')
       paths.extend(files)
-      labels.extend([index[name]] * len(files))
+      labels.extend([index.get(name, -1)] * len(files))
     splits[split_name] = FolderSplit(tuple(paths), np.asarray(labels, np.int32), class_names)
+  if empty:
+    several = len(empty) > 1
+    problems.append(f'{len(empty):,} class folder{"s" if several else ""} of {root} hold{"" if several else "s"} no '
+                    f'images ({", ".join(IMAGE_EXTENSIONS)}): {_few(empty)}; add images, or remove the class from '
+                    'every split.')
+  if problems:
+    raise errors.DataError(' '.join(problems))
+  logging.info('Found %s image files in %d classes in %s (train/ %s, %s/ %s) in %.1f s.',
+               f'{sum(len(split.paths) for split in splits.values()):,}', len(train_classes), root,
+               f'{len(splits["train"].paths):,}', eval_dir.name, f'{len(splits["test"].paths):,}',
+               time.monotonic() - start)
   return splits
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Image-file checks: every file of an image folder is checked before training, so that one unreadable file fails the
-# run at start-up (with the full list) rather than hours in, mid-epoch.
+# Image-file checks: every file of an image folder is checked before training, so that one unreadable file (or one of
+# the wrong size) fails the run at start-up, with the full count, rather than hours in, mid-epoch.
 
 # What to do about unreadable files of an image folder (training); scripts/prepare_data.py has its own flag.
 BAD_IMAGE_FOLDER_FIX = ('Replace or remove these files, or rerun with --config.skip_bad_images=True to leave every '
@@ -245,34 +334,77 @@ BAD_IMAGE_FOLDER_FIX = ('Replace or remove these files, or rerun with --config.s
 MID_RUN_FOLDER_FIX = ('Replace or remove the file, then resume: with the file restored (same example count) the resume '
                       'is exact; with it removed, resuming needs --config.allow_config_change=True (the example set '
                       'changed). --config.skip_bad_images=True leaves out every file that fails the start-up check.')
+# The same, for a run that already has --config.skip_bad_images=True (rerunning finds the file and leaves it out).
+MID_RUN_FOLDER_FIX_SKIPPING = ('Replace the file and resume (exact), or resume with '
+                               '--config.allow_config_change=True: the start-up check then finds the file and leaves '
+                               'it out (the example set changed).')
 # Files' last bytes must hold their format's end marker; a file without one is decoded in full, which finds
 # truncation (PIL opens a truncated JPEG happily and fails only when it decodes the pixels).
 _END_MARKERS = {'JPEG': b'\xff\xd9', 'MPO': b'\xff\xd9', 'PNG': b'IEND', 'GIF': b'\x3b'}
 _TAIL_BYTES = 64
-_CHECK_CACHE_VERSION = 1
-_MAX_LISTED_BAD_FILES = 20
+_CHECK_CACHE_VERSION = 2  # 2: the result records the image sizes.
+_CHECK_CHUNK_FILES = 512  # Files per thread task (and per progress update).
+_MAX_LISTED_BAD_FILES = 10
+_SIZE_EXAMPLES = 3  # Files named per image size, for the wrong-size message.
+_MAX_SIZES_WITH_EXAMPLES = 50  # Beyond this many distinct sizes, only the rarest keep examples (a bounded cache file).
 
 
-def check_image_file(path: str) -> str | None:
-  """Why the image file `path` cannot be used, or None when it looks sound.
+def _short_reason(error: Exception) -> str:
+  """A few words for why PIL could not read a file (the long forms name the file object, which the list names)."""
+  if isinstance(error, PIL.UnidentifiedImageError):
+    return 'not an image PIL can read'
+  text = errors.one_line(error)
+  if 'truncated' in text:
+    return 'truncated'
+  return f'{type(error).__name__}: {text}'
+
+
+def image_file_report(path: str) -> tuple[str | None, tuple[int, int] | None]:
+  """(why the image file `path` cannot be used or None, its (width, height) from the header or None).
 
   Cheap: PIL reads the header (format, size) and the last bytes are checked for the format's end marker; only files
   without one (and formats without a known marker) are decoded in full. About 30-60 us per small JPEG.
   """
   try:
     if os.path.islink(path) and not os.path.exists(path):
-      return f'broken symbolic link (to {os.readlink(path)})'
+      return f'broken symbolic link to {os.readlink(path)}', None
     with open(path, 'rb') as file, PIL.Image.open(file) as image:
       width, height = image.size
       if width < 1 or height < 1:
-        return f'empty image ({width}x{height})'
+        return f'empty image ({width}x{height})', None
       marker = _END_MARKERS.get(image.format)
       file.seek(max(0, os.fstat(file.fileno()).st_size - _TAIL_BYTES))
       if marker is None or marker not in file.read(_TAIL_BYTES):
         image.load()
-  except Exception as error:  # pylint: disable=broad-except
-    return f'{type(error).__name__}: {error}'
-  return None
+  except Exception as error:  # pylint: disable=broad-except  (PIL raises many types)
+    return _short_reason(error), None
+  return None, (width, height)
+
+
+def check_image_file(path: str) -> str | None:
+  """Why the image file `path` cannot be used, or None when it looks sound (see `image_file_report`)."""
+  return image_file_report(path)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFileCheck:
+  """What the start-up check found in a list of image files."""
+  bad: list[tuple[str, str]]  # (path, reason) of every unreadable file, in the order of the paths.
+  size_counts: dict[tuple[int, int], int]  # (width, height) -> how many readable files have it.
+  size_examples: dict[tuple[int, int], tuple[str, ...]]  # A few files per size (for the rarest sizes at least).
+
+  def to_json(self, num_files: int) -> str:
+    """The result as stored in the check cache."""
+    sizes = [[w, h, count, list(self.size_examples.get((w, h), ()))] for (w, h), count in self.size_counts.items()]
+    return json.dumps({'num_files': num_files, 'bad': self.bad, 'sizes': sizes})
+
+  @classmethod
+  def from_json(cls, text: str) -> ImageFileCheck:
+    """A result read back from `to_json`'s text."""
+    stored = json.loads(text)
+    sizes = {(w, h): (count, tuple(examples)) for w, h, count, examples in stored['sizes']}
+    return cls([tuple(entry) for entry in stored['bad']], {size: count for size, (count, _) in sizes.items()},
+               {size: examples for size, (_, examples) in sizes.items() if examples})
 
 
 def _listing_digest(paths: Sequence[str]) -> str:
@@ -287,44 +419,121 @@ def _listing_digest(paths: Sequence[str]) -> str:
   return digest.hexdigest()
 
 
-def find_bad_images(paths: Sequence[str], cache_dir: str | os.PathLike | None = None,
-                    num_threads: int = 8) -> list[tuple[str, str]]:
-  """(path, reason) of every file of `paths` that `check_image_file` rejects, in the order of `paths`.
+def _summarise(paths: Sequence[str], reports: Sequence[tuple[str | None, tuple[int, int] | None]]) -> ImageFileCheck:
+  bad = [(path, reason) for path, (reason, _) in zip(paths, reports) if reason is not None]
+  counts: dict[tuple[int, int], int] = {}
+  examples: dict[tuple[int, int], list[str]] = {}
+  for path, (reason, size) in zip(paths, reports):
+    if reason is None:
+      counts[size] = counts.get(size, 0) + 1
+      if len(examples.setdefault(size, [])) < _SIZE_EXAMPLES:
+        examples[size].append(path)
+  rarest = sorted(counts, key=lambda size: counts[size])[:_MAX_SIZES_WITH_EXAMPLES]
+  return ImageFileCheck(bad, counts, {size: tuple(examples[size]) for size in rarest})
+
+
+def check_image_files(paths: Sequence[str], cache_dir: str | os.PathLike | None = None, num_threads: int = 8,
+                      what: str = 'the image folder') -> ImageFileCheck:
+  """Checks every file of `paths` with `image_file_report`: the unreadable ones and the image sizes.
 
   Threads overlap the file reads (the parsing holds the GIL, so they help on slow or network storage, not on a warm
   local disk). With `cache_dir`, the result is stored under a hash of the paths, sizes and modification times, so a
-  resume of the same folder does not check it again (60,000 CIFAR-10 JPEGs take 2-4 s on 2 busy cores, so
-  1.28 M ImageNet files a minute or more).
+  resume of the same folder does not check it again (60,000 CIFAR-10 JPEGs take 2-13 s on 2 busy cores, so
+  1.28 M ImageNet files a minute or more). Progress is logged (see `Progress`); `what` names the files there.
   """
   cache_file = None
   if cache_dir is not None:
     cache_file = pathlib.Path(cache_dir) / f'image-check-{_listing_digest(paths)[:24]}.json'
     try:
-      return [tuple(entry) for entry in json.loads(cache_file.read_text())['bad']]
+      check = ImageFileCheck.from_json(cache_file.read_text())
+      logging.info('Image check of %s: %s files, result read from %s.', what, f'{len(paths):,}', cache_file)
+      return check
     except (OSError, ValueError, KeyError, TypeError):
       pass  # No (readable) result yet: check.
-  chunks = [paths[i:i + 512] for i in range(0, len(paths), 512)]
+  progress = Progress(f'Checking {len(paths):,} image files of {what}', len(paths))
+  chunks = [paths[i:i + _CHECK_CHUNK_FILES] for i in range(0, len(paths), _CHECK_CHUNK_FILES)]
+  reports = []
   with futures.ThreadPoolExecutor(max(1, min(num_threads, len(chunks)))) as pool:
-    reasons = [reason for chunk in pool.map(lambda c: [check_image_file(p) for p in c], chunks) for reason in chunk]
-  bad = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    for chunk_reports in pool.map(lambda chunk: [image_file_report(p) for p in chunk], chunks):
+      reports.extend(chunk_reports)
+      progress.update(len(reports))
+  check = _summarise(paths, reports)
+  logging.info('Checked %s image files of %s in %.1f s: %s unreadable.', f'{len(paths):,}', what, progress.elapsed(),
+               f'{len(check.bad):,}')
   if cache_file is not None:
     try:
       cache_file.parent.mkdir(parents=True, exist_ok=True)
       tmp = cache_file.with_name(f'{cache_file.name}.tmp{os.getpid()}')
-      tmp.write_text(json.dumps({'num_files': len(paths), 'bad': bad}))
+      tmp.write_text(check.to_json(len(paths)))
       os.replace(tmp, cache_file)
     except OSError:
       pass  # A read-only cache folder only costs the check again next time.
-  return bad
+  return check
 
 
-def bad_images_message(what: str, bad: Sequence[tuple[str, str]], num_files: int, fix: str) -> str:
-  """One message for all unreadable files: the count, the first ones with their reasons, and `fix`."""
-  lines = [f'{len(bad)} of {num_files} image files of {what} cannot be read:']
-  lines += [f'  {path}: {reason}' for path, reason in bad[:_MAX_LISTED_BAD_FILES]]
-  if len(bad) > _MAX_LISTED_BAD_FILES:
-    lines.append(f'  ... and {len(bad) - _MAX_LISTED_BAD_FILES} more.')
-  return '\n'.join(lines + ([fix] if fix else []))
+def find_bad_images(paths: Sequence[str], cache_dir: str | os.PathLike | None = None,
+                    num_threads: int = 8) -> list[tuple[str, str]]:
+  """(path, reason) of every file of `paths` that `check_image_file` rejects, in the order of `paths`."""
+  return check_image_files(paths, cache_dir, num_threads).bad
+
+
+def _shown_path(path: str, root: str | os.PathLike | None) -> str:
+  """`path` relative to `root` when it lies inside it (the message names the root once), else as given."""
+  if root is not None:
+    try:
+      return str(pathlib.Path(path).relative_to(root))
+    except ValueError:
+      pass
+  return path
+
+
+def bad_images_message(what: str, bad: Sequence[tuple[str, str]], num_files: int, fix: str,
+                       root: str | os.PathLike | None = None) -> str:
+  """One line for all unreadable files: the count, the first ones with their reasons, and `fix`.
+
+  Args:
+    what: names the files' folder ('image folder /data').
+    bad: (path, reason) of every unreadable file.
+    num_files: how many files were checked.
+    fix: what to do about them ('' for none).
+    root: paths inside it are shown relative to it.
+  """
+  listed = ', '.join(f'{_shown_path(path, root)} ({reason})' for path, reason in bad[:_MAX_LISTED_BAD_FILES])
+  more = f', and {len(bad) - _MAX_LISTED_BAD_FILES:,} more' if len(bad) > _MAX_LISTED_BAD_FILES else ''
+  message = f'{len(bad):,} of {num_files:,} image files of {what} cannot be read: {listed}{more}.'
+  return errors.one_line(f'{message} {fix}')
+
+
+def wrong_size_message(what: str, check: ImageFileCheck, image_size: int,
+                       root: str | os.PathLike | None = None) -> str | None:
+  """One line naming the readable images that are not image_size x image_size and the fix; None when all are.
+
+  For the decode-once (CIFAR-style) pipeline, which stacks every image of a split into one array.
+  """
+  expected = (image_size, image_size)
+  total = sum(check.size_counts.values())
+  wrong = total - check.size_counts.get(expected, 0)
+  if not wrong:
+    return None
+  others = sorted((size for size in check.size_counts if size != expected), key=lambda s: -check.size_counts[s])
+
+  def one_size(size: tuple[int, int]) -> str:
+    count, examples = check.size_counts[size], [_shown_path(p, root) for p in check.size_examples.get(size, ())]
+    named = f': {", ".join(examples)}' if count == len(examples) else (f', e.g. {", ".join(examples)}' if examples
+                                                                      else '')
+    return f'{size[0]}x{size[1]} ({count:,} file{"s" if count > 1 else ""}{named})'
+
+  sizes = ', '.join(one_size(size) for size in others[:5]) + (
+      f', and {len(others) - 5:,} other sizes' if len(others) > 5 else '')
+  (width, height) = others[0]
+  if wrong == total and len(others) == 1 and width == height:
+    fix = f'set --config.image_size={width}, the size of every image'
+  else:
+    fix = (f'resize them to {image_size}x{image_size}, or set --config.image_size above {SMALL_IMAGE_MAX_SIZE} (e.g. '
+           '96 or 224) for the ImageNet-style pipeline, which resizes and crops every image')
+  return (f'{wrong:,} of {total:,} images of {what} are not {image_size}x{image_size}: {sizes}. With '
+          f'--config.image_size={image_size} (at most {SMALL_IMAGE_MAX_SIZE}) every image is decoded once into one '
+          f'array, so all must be {image_size}x{image_size}: {fix}.')
 
 
 def without_files(split: FolderSplit, paths: set[str]) -> FolderSplit:
@@ -334,27 +543,45 @@ def without_files(split: FolderSplit, paths: set[str]) -> FolderSplit:
 
 
 def check_image_folder(root: str | os.PathLike, splits: dict[str, FolderSplit], *, skip_bad_images: bool,
-                       cache_dir: str | os.PathLike | None = None, fix: str = BAD_IMAGE_FOLDER_FIX
-                       ) -> tuple[dict[str, FolderSplit], tuple[str, ...]]:
+                       cache_dir: str | os.PathLike | None = None, fix: str = BAD_IMAGE_FOLDER_FIX,
+                       expected_size: int | None = None) -> tuple[dict[str, FolderSplit], tuple[str, ...]]:
   """Checks every file of `splits`; returns the splits without the unreadable files and those files' paths.
 
+  Args:
+    root: the image folder (named in messages; paths inside it are shown relative to it).
+    splits: from `scan_image_folder`.
+    skip_bad_images: leave unreadable files out (each logged) instead of failing.
+    cache_dir: where the check's result is cached (None: not cached).
+    fix: what the error suggests for unreadable files.
+    expected_size: every readable image must be expected_size x expected_size (None: any size).
+
   Raises:
-    ValueError: some files cannot be read and `skip_bad_images` is False (one error listing them, and `fix`).
+    errors.DataError: files are unreadable (and `skip_bad_images` is False), some image is not expected_size
+      square, or nothing readable is left in a split; one line with every problem.
   """
   paths = [path for split in splits.values() for path in split.paths]
-  bad = find_bad_images(paths, cache_dir)
-  if not bad:
+  what = f'image folder {root}'
+  check = check_image_files(paths, cache_dir, what=what)
+  problems = []
+  if check.bad and not skip_bad_images:
+    problems.append(bad_images_message(what, check.bad, len(paths), fix, root))
+  if expected_size:
+    problems.append(wrong_size_message(what, check, expected_size, root) or '')
+  if any(problems):
+    raise errors.DataError(' '.join(problem for problem in problems if problem))
+  if not check.bad:
     return splits, ()
-  message = bad_images_message(f'image folder {root}', bad, len(paths), fix)
-  if not skip_bad_images:
-    raise ValueError(message)
-  logging.warning('skip_bad_images: leaving out unreadable files. %s', message)
-  skipped = {path for path, _ in bad}
+  summary = bad_images_message(what, check.bad, len(paths), '', root)
+  logging.warning('skip_bad_images: leaving out the unreadable files. %s', summary)
+  for path, reason in check.bad:
+    logging.warning('skip_bad_images: left out %s (%s).', path, reason)
+  skipped = {path for path, _ in check.bad}
   splits = {name: without_files(split, skipped) for name, split in splits.items()}
   for name, split in splits.items():
     if not split.paths:
-      raise ValueError(f'Every image of the {name} split of {root} is unreadable; nothing is left to read.\n{message}')
-  return splits, tuple(path for path, _ in bad)
+      raise errors.DataError(f'Every image of the {name} split of {root} is unreadable, so nothing is left to read: '
+                             f'{summary}')
+  return splits, tuple(path for path, _ in check.bad)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,8 +614,8 @@ class TfdsReader:
 
   def fix(self) -> str:
     """What to do about an unreadable record."""
-    return ('The prepared dataset is damaged; prepare it again (delete the old folder first):\n  '
-            f'{prepare_command(_DictConfig(self._config))}')
+    return ('The prepared dataset is damaged; delete it and prepare it again with '
+            f'`{prepare_command(_DictConfig(self._config))}`.')
 
   def read(self, index: int) -> tuple[PIL.Image.Image, int]:
     record = self._open()[int(index)]
@@ -409,10 +636,10 @@ class TfdsReader:
 
 
 class FolderReader:
-  """Reads (image, label) from image-folder paths."""
+  """Reads (image, label) from image-folder paths; `mid_run_fix` says what to do about a file that fails mid-run."""
 
-  def __init__(self, split: FolderSplit):
-    self._paths, self._labels = split.paths, split.labels
+  def __init__(self, split: FolderSplit, mid_run_fix: str = MID_RUN_FOLDER_FIX):
+    self._paths, self._labels, self._fix = split.paths, split.labels, mid_run_fix
 
   def __len__(self) -> int:
     return len(self._paths)
@@ -423,7 +650,7 @@ class FolderReader:
 
   def fix(self) -> str:
     """What to do about a file that fails to decode mid-run (after it passed the start-up check)."""
-    return MID_RUN_FOLDER_FIX
+    return self._fix
 
   def read(self, index: int) -> tuple[PIL.Image.Image, int]:
     return decode_image(self._paths[index], self._paths[index], self.fix()), int(self._labels[index])
@@ -461,33 +688,46 @@ class _DictConfig(dict):
 # Decode-once arrays for small datasets.
 
 
+def default_cache_root() -> pathlib.Path:
+  """`$XDG_CACHE_HOME/ffsd_jax`, or `~/.cache/ffsd_jax` when XDG_CACHE_HOME is unset (as the compilation cache)."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return pathlib.Path(base) / 'ffsd_jax'
+
+
 def cache_dir(config) -> pathlib.Path:
-  """Where decoded arrays and image-check results are cached: config.data_cache_dir or a default per source."""
+  """Where decoded arrays and image-check results are cached.
+
+  config.data_cache_dir when set; else, for the TFDS datasets, beside the prepared data (`<data_dir>/
+  ffsd_decoded_cache`, shared by every user of that data_dir); else `default_cache_root()/decoded`.
+  """
   if config.get('data_cache_dir'):
     return pathlib.Path(config.data_cache_dir).expanduser()
   if config.dataset in TFDS_DATASETS:
     return pathlib.Path(tfds_data_dir(config)) / 'ffsd_decoded_cache'
-  return pathlib.Path('~/.cache/ffsd_jax/decoded').expanduser()
+  return default_cache_root() / 'decoded'
 
 
-def _decode_all(reader, expected_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _decode_all(reader, expected_size: int | None, what: str = 'the split') -> tuple[np.ndarray, np.ndarray]:
   n = len(reader)
   images, labels = None, np.empty((n,), np.int32)
+  progress = Progress(f'Decoding {n:,} images of {what}', n)
   for i, (image, label) in enumerate(reader.iter_all()):
     labels[i] = label
     array = np.asarray(image, np.uint8)
     if images is None:
       images = np.empty((n,) + array.shape, np.uint8)
     if array.shape != images.shape[1:] or (expected_size and array.shape[:2] != (expected_size, expected_size)):
-      what = reader.describe(i) if hasattr(reader, 'describe') else f'#{i}'
-      raise ValueError(f'Image {what} has shape {array.shape}; the decode-once (CIFAR-style) pipeline needs every '
-                       f'image to be {expected_size or images.shape[1]}x{expected_size or images.shape[2]}x3. '
-                       'Resize the images (and prepare the dataset again if it is a TFDS one) or, for an image '
-                       f'folder, raise --config.image_size above {SMALL_IMAGE_MAX_SIZE} for the ImageNet-style '
-                       'pipeline.')
+      name = reader.describe(i) if hasattr(reader, 'describe') else f'#{i}'
+      raise errors.DataError(
+          f'Image {name} has shape {array.shape}; the decode-once (CIFAR-style) pipeline needs every image to be '
+          f'{expected_size or images.shape[1]}x{expected_size or images.shape[2]}x3. Resize the images (and prepare '
+          'the dataset again if it is a TFDS one) or, for an image folder, raise --config.image_size above '
+          f'{SMALL_IMAGE_MAX_SIZE} for the ImageNet-style pipeline.')
     images[i] = array
+    progress.update(i + 1)
   if images is None:
-    raise ValueError('The split holds no examples.')
+    raise errors.DataError(f'{what} holds no examples; prepare the dataset again with examples in every split.')
+  logging.info('Decoded %s images of %s in %.1f s.', f'{n:,}', what, progress.elapsed())
   return images, labels
 
 
@@ -504,8 +744,10 @@ def load_decoded(config, reader, cache_key: dict[str, Any], expected_size: int |
   stem = f'{cache_key.get("name", "data")}-{cache_key.get("split", "split")}-{digest}'
   images_path, labels_path = directory / f'{stem}.images.npy', directory / f'{stem}.labels.npy'
   if images_path.exists() and labels_path.exists():
+    logging.info('Reading the decoded %s split from %s.', cache_key.get('split', ''), images_path)
     return np.load(images_path), np.load(labels_path)
-  images, labels = _decode_all(reader, expected_size)
+  images, labels = _decode_all(reader, expected_size, f'the {cache_key.get("split", "")} split of '
+                                                      f'{cache_key.get("name", "the dataset")}')
   try:
     directory.mkdir(parents=True, exist_ok=True)
     for path, array in ((images_path, images), (labels_path, labels)):
@@ -513,6 +755,8 @@ def load_decoded(config, reader, cache_key: dict[str, Any], expected_size: int |
       with open(tmp, 'wb') as f:
         np.save(f, array)
       os.replace(tmp, path)
-  except OSError:
-    pass  # A read-only data_dir only costs decoding again next time.
+    logging.info('Cached the decoded images in %s.', images_path)
+  except OSError as error:  # A read-only data_dir only costs decoding again next time.
+    logging.warning('Could not cache the decoded images in %s (%s); set --config.data_cache_dir to a writable folder '
+                    'to decode once.', directory, errors.one_line(error))
   return images, labels
