@@ -8,8 +8,11 @@ both scripts so that it is testable without training; it never imports the model
 
 What a workdir is read from (every file but metrics.jsonl or summary.json may be absent):
 - `summary.json`: step, total_steps, preempted, the tracked network, best and last leader top-1, last eval top-1.
+  It is written at the end of a run and at a stop; a best or last top-1 that is null (before the first evaluation),
+  negative (the -1.0 of older versions) or missing means "no evaluation" and is never averaged.
 - `metrics.jsonl`: the eval records (best and last top-1 of a run still in progress, the curves), steps per epoch
-  (step / epoch), the wall time from the records' `time` field when they have one.
+  (step / epoch), the wall time from the records' `time` field when they have one. Records past the summary's step
+  (a run resumed after a stop) are newer than the summary and win over it.
 - `config.json` (the resolved config): method and seed (they override the folder names), total steps and the
   schedules; without it the method and seed come from the folder layout.
 - `tensorboard/events.out.tfevents.<unix time>.*`: the start time when the records carry no `time`.
@@ -17,6 +20,7 @@ What a workdir is read from (every file but metrics.jsonl or summary.json may be
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import glob
@@ -25,12 +29,14 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ffsd_jax import errors
 from ffsd_jax import metric_writers
 
 SUMMARY_FILE = 'summary.json'
@@ -42,6 +48,8 @@ PREEMPTED = 'preempted'  # summary.json written on preemption (preempted: true).
 INCOMPLETE = 'incomplete'  # Records or a summary short of total_steps: running, or stopped; rerun to resume.
 NEW = 'new'  # Nothing written yet.
 
+MISSING = '–'  # An en dash: a value that does not exist (yet), in the markdown tables.
+
 WALL_TIME_FROM_EVENTS_AND_RECORDS = 'first TensorBoard event file to the last metrics.jsonl time'
 WALL_TIME_FROM_RECORDS = 'metrics.jsonl time, first to last record (misses the compilation)'
 WALL_TIME_FROM_FILES = 'file times: first TensorBoard event file to metrics.jsonl mtime'
@@ -49,7 +57,39 @@ WALL_TIME_SOURCES = (WALL_TIME_FROM_EVENTS_AND_RECORDS, WALL_TIME_FROM_RECORDS, 
 
 # Folders inside a workdir that never hold another workdir: not walked when looking for runs.
 _WORKDIR_SUBFOLDERS = ('checkpoints', 'checkpoints_best', 'tensorboard', 'export')
-_NETWORK_PATTERN = re.compile(r'^(student_\d+|leader|fusion|ensemble|trans_fusion|decoder_\d+|decoder_leader)$')
+# Prefixes of `<prefix>/<name>` record keys that are not `<network>/<loss term>` (every other prefix names a network:
+# student_i, leader, branch_i, temporal_mean_i, teacher, ..., whatever a method logs).
+_NOT_NETWORK_PREFIXES = frozenset({'loss', 'accuracy', 'learning_rate', 'grad_norm', 'eval', 'gate', 'correct',
+                                   'correct_top5', 'cross_entropy'})
+
+
+class StudyError(errors.UserError, ValueError):
+  """A bad study command line or study folder; the message names the problem and the fix (exit status 2)."""
+
+  exit_code = errors.EXIT_USAGE
+
+
+class UnreadableWorkdirError(errors.UserError, ValueError):
+  """A workdir file that cannot be read back (a damaged metrics.jsonl); the message names the file and the fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse, but a bad command line is one line on stderr (exit status 2) instead of the usage and the error."""
+
+  def error(self, message: str):
+    self.exit(errors.EXIT_USAGE, f'{self.prog}: error: {errors.one_line(message)} (--help shows the usage)\n')
+
+
+def top1_value(value: Any) -> float | None:
+  """A top-1 (%) as read from summary.json or metrics.jsonl, or None for 'no evaluation'.
+
+  The loop writes null before its first evaluation; older versions wrote the sentinel -1.0. A top-1 is never
+  negative, so any negative (or non-finite, or non-numeric) value means no evaluation.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  value = float(value)
+  return value if np.isfinite(value) and value >= 0 else None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -78,13 +118,17 @@ def config_name(config_path: str) -> str:
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
-  """Raises ValueError unless every override is `--config.KEY=VALUE` and none sets the method or seed (the study's)."""
+  """Checks that every override is `--config.KEY=VALUE` and none sets the method or seed (the study sets them).
+
+  Raises:
+    StudyError: naming the bad override and the fix.
+  """
   for override in overrides:
     if not re.match(r'^--config\.[A-Za-z_][\w.]*=', override):
-      raise ValueError(f'{override!r} is not a --config.KEY=VALUE override.')
+      raise StudyError(f'{override!r} is not a --config.KEY=VALUE override; write it as --config.KEY=VALUE.')
     key = override.split('=', 1)[0][len('--config.'):]
     if key in ('method', 'seed'):
-      raise ValueError(f'{override!r}: the study sets config.{key} itself (use --methods / --seeds).')
+      raise StudyError(f'{override!r}: the study sets config.{key} itself (use --methods / --seeds).')
 
 
 def plan_study(config_paths: Sequence[str], methods: Sequence[str], seeds: Sequence[int], root: str
@@ -94,13 +138,14 @@ def plan_study(config_paths: Sequence[str], methods: Sequence[str], seeds: Seque
   So a study stopped half way has already compared the methods on the first seeds.
 
   Raises:
-    ValueError: two configs with the same file name (they would share a folder), or a duplicate method or seed.
+    StudyError: two configs with the same file name (they would share a folder), or a duplicate method or seed.
   """
   names = [config_name(p) for p in config_paths]
   for what, values in (('config name', names), ('method', list(methods)), ('seed', list(seeds))):
     duplicates = sorted({str(v) for v in values if list(values).count(v) > 1})
     if duplicates:
-      raise ValueError(f'Duplicate {what}: {", ".join(duplicates)}.')
+      raise StudyError(f'Duplicate {what}: {", ".join(duplicates)}; give each only once (two configs need '
+                       'different file names: the file name is the folder).')
   return [PlannedRun(path, name, method, int(seed), os.path.join(root, name, method, f'{SEED_DIR_PREFIX}{seed}'))
           for path, name in zip(config_paths, names) for seed in seeds for method in methods]
 
@@ -119,16 +164,64 @@ def read_summary(workdir: str) -> dict[str, Any] | None:
   return summary if isinstance(summary, dict) else None
 
 
-def workdir_status(workdir: str) -> str:
-  """FINISHED, PREEMPTED, INCOMPLETE or NEW (see the constants)."""
+def read_records(workdir: str) -> list[dict[str, Any]]:
+  """The records of the workdir's metrics.jsonl ([] without one); a torn last line is skipped.
+
+  Raises:
+    UnreadableWorkdirError: a line other than the last is damaged (the message names the file and line).
+  """
+  path = os.path.join(workdir, metric_writers.METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  try:
+    return metric_writers.read_metrics(path)
+  except ValueError as error:
+    raise UnreadableWorkdirError(str(error)) from None
+
+
+def last_step(records: Iterable[Mapping[str, Any]]) -> int | None:
+  """The largest integer `step` of the records, or None."""
+  steps = [r['step'] for r in records if isinstance(r.get('step'), int) and not isinstance(r.get('step'), bool)]
+  return max(steps, default=None)
+
+
+def summary_is_newest(summary: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]]) -> bool:
+  """Whether summary.json is at least as new as metrics.jsonl (its step >= the records' last step).
+
+  A run stopped (summary.json with preempted: true) and then resumed logs past the summary's step before it writes
+  the next one: those records are newer, and a kill -9 or a crash may leave the stale summary for good.
+  """
+  if summary is None:
+    return False
+  records_step = last_step(records)
+  summary_step = summary.get('step')
+  if records_step is None:
+    return True
+  return isinstance(summary_step, int) and summary_step >= records_step
+
+
+def workdir_status(workdir: str, records: Sequence[Mapping[str, Any]] | None = None) -> str:
+  """FINISHED, PREEMPTED, INCOMPLETE or NEW (see the constants).
+
+  Args:
+    workdir: the run's folder.
+    records: its metrics.jsonl records when already read (read here otherwise; a damaged file counts as none).
+  """
+  if records is None:
+    try:
+      records = read_records(workdir)
+    except UnreadableWorkdirError:
+      records = []  # The status then comes from summary.json alone; reading the run names the damage.
   summary = read_summary(workdir)
   if summary is not None:
+    if not summary_is_newest(summary, records):
+      return INCOMPLETE  # Resumed after the summary was written: running, or stopped without a new summary.
     if summary.get('preempted'):
       return PREEMPTED
     if summary.get('step') is not None and summary.get('step') == summary.get('total_steps'):
       return FINISHED
     return INCOMPLETE
-  if os.path.exists(os.path.join(workdir, metric_writers.METRICS_FILE)) or os.path.isdir(
+  if records or os.path.exists(os.path.join(workdir, metric_writers.METRICS_FILE)) or os.path.isdir(
       os.path.join(workdir, 'checkpoints')):
     return INCOMPLETE
   return NEW
@@ -141,7 +234,6 @@ def call_main(command: list[str]) -> int:
   through Ctrl-C (the terminal sends SIGINT to the run too; forwarding it would be a second Ctrl-C, which aborts
   without saving) and forwards a SIGTERM sent to it alone, so the run saves a checkpoint and exits.
   """
-  import signal  # pylint: disable=g-import-not-at-top
   process = subprocess.Popen(command)
 
   def forward_sigterm(signum, frame):
@@ -159,33 +251,92 @@ def call_main(command: list[str]) -> int:
       signal.signal(signum, handler)
 
 
+# Exit statuses of a main.py run stopped by Ctrl-C: 130 after saving; -SIGINT when a second Ctrl-C aborted it
+# (Python re-raises an uncaught KeyboardInterrupt as the signal), which leaves its last checkpoint to resume from.
+CTRL_C_EXIT_STATUSES = (errors.EXIT_SIGINT, -int(signal.SIGINT))
+
+
+@dataclasses.dataclass
+class StudyOutcome:
+  """The runs of a study by outcome, and whether Ctrl-C stopped it."""
+  skipped: list[PlannedRun] = dataclasses.field(default_factory=list)  # Already finished.
+  done: list[PlannedRun] = dataclasses.field(default_factory=list)  # Ran to their last step.
+  stopped: list[PlannedRun] = dataclasses.field(default_factory=list)  # Ctrl-C or preempted: resumable.
+  failed: list[PlannedRun] = dataclasses.field(default_factory=list)  # Non-zero exit status, not a stop.
+  not_started: list[PlannedRun] = dataclasses.field(default_factory=list)  # After a stop.
+  interrupted: bool = False  # Ctrl-C stopped the study.
+
+
+def _file_fingerprint(path: str) -> tuple[int, int, int] | None:
+  """(inode, mtime in ns, size) of a file, or None: changes whenever the file is rewritten (atomically or not)."""
+  try:
+    info = os.stat(path)
+  except OSError:
+    return None
+  return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def _stop_reason(workdir: str, returncode: int, summary_before: tuple[int, int, int] | None) -> str | None:
+  """Why a run that just exited with `returncode` stopped short and can be resumed, or None (finished or failed).
+
+  Args:
+    workdir: the run's folder.
+    returncode: main.py's exit status.
+    summary_before: `_file_fingerprint` of its summary.json before the run: a summary counts only if the run
+      (re)wrote it, since a stale 'preempted' summary of an earlier stop says nothing about a run that crashed now.
+  """
+  if returncode in CTRL_C_EXIT_STATUSES:
+    return 'Ctrl-C'
+  summary_path = os.path.join(workdir, SUMMARY_FILE)
+  summary = read_summary(workdir)
+  written_now = summary is not None and _file_fingerprint(summary_path) != summary_before
+  if written_now and summary.get('preempted'):
+    return f'preempted ({summary.get("stopped_by") or "SIGTERM"})'
+  if returncode == 0 and workdir_status(workdir) != FINISHED:
+    return 'preempted'  # Exit 0 short of the last step: stopped by SIGTERM (older versions wrote no summary).
+  return None
+
+
 def run_study(runs: Sequence[PlannedRun], overrides: Sequence[str] = (), *, python: str = sys.executable,
               main_py: str = 'main.py', call: Callable[[list[str]], int] = call_main,
-              log: Callable[[str], None] = print) -> dict[str, list[PlannedRun]]:
-  """Trains the runs one after the other; returns them by outcome: 'skipped', 'done', 'failed', 'not_started'.
+              log: Callable[[str], None] = print) -> StudyOutcome:
+  """Trains the runs one after the other and returns them by outcome.
 
   A finished workdir is skipped; any other one is (re)started with `main.py`, which resumes from its checkpoint. A
-  run that fails (non-zero exit) is reported and the study goes on; Ctrl-C (exit 130) or a preemption (a run that
-  exits 0 short of its last step: it was stopped by SIGTERM, so the machine is going away) stops the study: rerun
-  the same command to continue.
+  run that fails (a non-zero exit that is not a stop) is reported and the study goes on. A run stopped by Ctrl-C
+  (exit 130) or by a preemption (summary.json says preempted, or exit 0 short of its last step: the machine is going
+  away) is 'stopped (resumable)' and stops the study; so does a Ctrl-C between runs. Rerun the same command to
+  continue.
   """
-  outcome: dict[str, list[PlannedRun]] = {'skipped': [], 'done': [], 'failed': [], 'not_started': []}
+  outcome = StudyOutcome()
   for index, run in enumerate(runs):
     label = f'[{index + 1}/{len(runs)}] {run.config_name} {run.method} seed {run.seed}'
-    status = workdir_status(run.workdir)
-    if status == FINISHED:
-      log(f'{label}: already finished at step {read_summary(run.workdir)["step"]}; skipped ({run.workdir})')
-      outcome['skipped'].append(run)
-      continue
-    command = run.command(overrides, python=python, main_py=main_py)
-    log(f'{label}: {"resuming" if status != NEW else "starting"}: {shlex.join(command)}')
-    returncode = call(command)
-    if returncode == 130 or (returncode == 0 and workdir_status(run.workdir) != FINISHED):
-      log(f'{label}: stopped ({"Ctrl-C" if returncode == 130 else "preempted"}); rerun the study to continue.')
-      outcome['failed' if returncode else 'done'].append(run)
-      outcome['not_started'].extend(runs[index + 1:])
+    called = False
+    try:
+      status = workdir_status(run.workdir)
+      if status == FINISHED:
+        log(f'{label}: already finished at step {read_summary(run.workdir)["step"]}; skipped ({run.workdir})')
+        outcome.skipped.append(run)
+        continue
+      command = run.command(overrides, python=python, main_py=main_py)
+      log(f'{label}: {"resuming" if status != NEW else "starting"}: {shlex.join(command)}')
+      summary_before = _file_fingerprint(os.path.join(run.workdir, SUMMARY_FILE))
+      called = True
+      returncode = call(command)
+    except KeyboardInterrupt:
+      # Ctrl-C while this process, not a run, had the terminal's attention (between runs, or a test's `call`).
+      (outcome.stopped if called else outcome.not_started).append(run)
+      outcome.not_started.extend(runs[index + 1:])
+      outcome.interrupted = True
       break
-    outcome['done' if returncode == 0 else 'failed'].append(run)
+    reason = _stop_reason(run.workdir, returncode, summary_before)
+    if reason is not None:
+      log(f'{label}: stopped (resumable): {reason}; rerun the study to continue.')
+      outcome.stopped.append(run)
+      outcome.not_started.extend(runs[index + 1:])
+      outcome.interrupted = reason == 'Ctrl-C'
+      break
+    (outcome.failed if returncode else outcome.done).append(run)
     if returncode:
       log(f'{label}: failed with exit status {returncode}; going on with the next run.')
   return outcome
@@ -288,13 +439,50 @@ def _wall_time(workdir: str, records: Sequence[Mapping[str, Any]]) -> tuple[floa
   return None, None
 
 
+def _eval_values(records: Sequence[Mapping[str, Any]], network: str
+                 ) -> tuple[float | None, float | None, dict[str, float]]:
+  """(best, last top-1 of `network`, {network: last eval top-1}) from the records' evaluations."""
+  eval_records = [r for r in records if any(k.startswith('eval/top1/') for k in r)]
+  last_eval = _last_eval_of(eval_records[-1] if eval_records else {})
+  seen = [top1_value(r.get(k)) for r in eval_records for k in (f'eval/top1/{network}', f'eval/best_top1/{network}')]
+  seen = [v for v in seen if v is not None]
+  return (max(seen) if seen else None), last_eval.get(network), last_eval
+
+
+def _last_eval_of(values: Mapping[str, Any]) -> dict[str, float]:
+  """{network: top-1} of the `eval/top1/<network>` keys holding a top-1 (no null, no -1 sentinel)."""
+  last_eval = {k[len('eval/top1/'):]: top1_value(v) for k, v in values.items() if k.startswith('eval/top1/')}
+  return {k: v for k, v in last_eval.items() if v is not None}
+
+
+def _first_top1(*values: Any) -> float | None:
+  """The first of the values that is a top-1 (see `top1_value`), or None."""
+  return next((v for v in map(top1_value, values) if v is not None), None)
+
+
+def _total_steps(config_values: Mapping[str, Any] | None, records: Sequence[Mapping[str, Any]]) -> int | None:
+  """Total steps from config.json: max_steps, else num_epochs × the records' steps per epoch; or None."""
+  if config_values is None:
+    return None
+  if (config_values.get('max_steps') or -1) > 0:
+    return int(config_values['max_steps'])
+  spe = steps_per_epoch(records)
+  return int(config_values['num_epochs']) * spe if spe and config_values.get('num_epochs') else None
+
+
 def read_run(workdir: str, root: str | None = None, method: str | None = None) -> RunResult:
   """Reads one workdir (finished, preempted or still running).
+
+  summary.json and metrics.jsonl are merged by step: whichever is newer wins. A summary's `best_leader_top1` or
+  `last_leader_top1` that is null, negative (the -1.0 of older versions) or missing means no evaluation yet.
 
   Args:
     workdir: the run's folder.
     root: the study root it lies under: the config name, method and seed come from the folders between them.
     method: a label that overrides the method (e.g. from `label=path` on a command line).
+
+  Raises:
+    UnreadableWorkdirError: metrics.jsonl is damaged (a line other than the last).
   """
   root = workdir if root is None else root
   name, layout_method, seed = _layout(workdir, root)
@@ -303,49 +491,46 @@ def read_run(workdir: str, root: str | None = None, method: str | None = None) -
     # The resolved config is the truth; the folder names are only a convention.
     layout_method = config_values.get('method', layout_method)
     seed = config_values.get('seed', seed)
-  metrics_path = os.path.join(workdir, metric_writers.METRICS_FILE)
-  records = metric_writers.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+  records = read_records(workdir)
   summary = read_summary(workdir)
   network = tracked_network(records, summary)
-  eval_records = [r for r in records if any(k.startswith('eval/top1/') for k in r)]
-  last_eval = {k[len('eval/top1/'):]: v for k, v in (eval_records[-1] if eval_records else {}).items()
-               if k.startswith('eval/top1/') and v is not None}
-  seen = [r[k] for r in eval_records for k in (f'eval/top1/{network}', f'eval/best_top1/{network}')
-          if r.get(k) is not None]
-  best, last = (max(seen) if seen else None), last_eval.get(network)
-  step = max((r['step'] for r in records), default=None)
-  total_steps = None
-  if config_values is not None:
-    spe = steps_per_epoch(records)
-    if (config_values.get('max_steps') or -1) > 0:
-      total_steps = int(config_values['max_steps'])
-    elif spe and config_values.get('num_epochs'):
-      total_steps = int(config_values['num_epochs']) * spe
-  if summary is not None:
-    # summary.json is written at the end of the run: its values are final.
-    step, total_steps = summary.get('step', step), summary.get('total_steps', total_steps)
-    best = summary.get('best_leader_top1', best)
-    last = summary.get('last_leader_top1', last)
-    last_eval = {k[len('eval/top1/'):]: v for k, v in (summary.get('last_eval') or {}).items()
-                 if k.startswith('eval/top1/') and v is not None} or last_eval
+  best, last, last_eval = _eval_values(records, network)
+  step, total_steps = last_step(records), _total_steps(config_values, records)
+  if summary_is_newest(summary, records):
+    # summary.json is written at the end of the run or at a stop; records after its step (a resume) are newer.
+    step = summary.get('step', step)
+    total_steps = summary.get('total_steps') or total_steps
+    best = _first_top1(summary.get('best_leader_top1'), best)
+    last = _first_top1(summary.get('last_leader_top1'), last)
+    last_eval = _last_eval_of(summary.get('last_eval') or {}) or last_eval
+  elif summary is not None and total_steps is None:
+    total_steps = summary.get('total_steps')
   wall_time_s, wall_time_source = _wall_time(workdir, records)
   return RunResult(workdir=workdir, config=name, method=method or layout_method or os.path.basename(workdir),
-                   seed=None if seed is None else int(seed), status=workdir_status(workdir), step=step,
+                   seed=None if seed is None else int(seed), status=workdir_status(workdir, records), step=step,
                    total_steps=total_steps, network=network, best_top1=best, last_top1=last, last_eval=last_eval,
                    wall_time_s=wall_time_s, wall_time_source=wall_time_source, records=records,
                    config_values=config_values)
 
 
 def collect_runs(paths: Sequence[str]) -> list[RunResult]:
-  """The runs under each path: a study root, a workdir, or `label=path` (the label is the method of its runs)."""
+  """The runs under each path: a study root, a workdir, or `label=path` (the label is the method of its runs).
+
+  Raises:
+    StudyError: a path that is not a folder, or holds no workdir.
+    UnreadableWorkdirError: a damaged metrics.jsonl.
+  """
   runs = []
   for spec in paths:
     label, path = spec.split('=', 1) if '=' in spec and not os.path.exists(spec) else (None, spec)
     if not os.path.isdir(path):
-      raise FileNotFoundError(f'{path}: no such folder.')
+      what = 'is a file, not a folder' if os.path.exists(path) else 'no such folder'
+      raise StudyError(f'{path}: {what}; give a study root (the --root of scripts/study.py run), a workdir, or '
+                       'label=workdir.')
     workdirs = find_workdirs(path)
     if not workdirs:
-      raise FileNotFoundError(f'{path}: no workdir (summary.json or metrics.jsonl) in or under it.')
+      raise StudyError(f'{path}: no workdir (a folder with summary.json or metrics.jsonl) in or under it; give the '
+                       'study root or a workdir of a run that has started logging.')
     runs.extend(read_run(w, root=path, method=label) for w in workdirs)
   return runs
 
@@ -363,13 +548,15 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
   return mean, (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
-def network_sort_key(network: str) -> tuple[int, int, str]:
-  """Students by number, then the leader, the fusion classifier, the ensemble, then anything else."""
-  match = re.fullmatch(r'student_(\d+)', network)
-  if match:
-    return 0, int(match.group(1)), network
+def network_sort_key(network: str) -> tuple[int, str, int]:
+  """Students by number, then the leader, the fusion classifier, the ensemble, then anything else by name (a
+  numbered one, e.g. branch_10, by kind and number)."""
+  match = re.fullmatch(r'(.+)_(\d+)', network)
+  kind, number = (match.group(1), int(match.group(2))) if match else (network, -1)
+  if kind == 'student':
+    return 0, '', number
   order = {'leader': 1, 'fusion': 2, 'ensemble': 3}
-  return order.get(network, 4), 0, network
+  return order.get(network, 4), kind, number
 
 
 @dataclasses.dataclass
@@ -409,20 +596,28 @@ def aggregate(runs: Sequence[RunResult], finished_only: bool = False) -> list[Gr
   return rows
 
 
+def count_values(values: Sequence[float | None]) -> int:
+  """n: how many of the per-seed values exist (the seeds that have evaluated)."""
+  return sum(v is not None for v in values)
+
+
 def _format_mean_std(values: Sequence[float | None]) -> str:
+  """'mean ± std', 'mean' for one value, MISSING for none; '(n=k)' when only k of the seeds have a value."""
   mean, std = mean_std(values)
   if mean is None:
-    return '–'
-  return f'{mean:.2f} ± {std:.2f}' if std is not None else f'{mean:.2f}'
+    return MISSING
+  text = f'{mean:.2f} ± {std:.2f}' if std is not None else f'{mean:.2f}'
+  n = count_values(values)
+  return text if n == len(values) else f'{text} (n={n})'
 
 
 def _format_values(values: Sequence[float | None]) -> str:
-  return ', '.join('–' if v is None else f'{v:.2f}' for v in values)
+  return ', '.join(MISSING if v is None else f'{v:.2f}' for v in values)
 
 
 def _format_duration(seconds: float | None) -> str:
   if seconds is None:
-    return '–'
+    return MISSING
   seconds = int(round(seconds))
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
@@ -441,27 +636,42 @@ def _wall_time_note(rows: Sequence[GroupRow]) -> str:
       counts) + '.'
 
 
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+  """The lines of a markdown table; every row has the header's column count ('|' in a cell is escaped).
+
+  Raises:
+    ValueError: a row with another number of cells (a bug: the table would render shifted).
+  """
+  def line(cells: Sequence[str]) -> str:
+    return '| ' + ' | '.join(str(c).replace('|', '\\|') for c in cells) + ' |'
+  for cells in body:
+    if len(cells) != len(header):
+      raise ValueError(f'A table row has {len(cells)} cells for {len(header)} columns: {list(cells)}.')
+  return [line(header), '|' + '---|' * len(header)] + [line(cells) for cells in body]
+
+
 def markdown_tables(rows: Sequence[GroupRow]) -> str:
   """The study as markdown: the tracked network's best and last top-1, then every network's last top-1."""
   lines = ["Test top-1 (%) of the tracked network (the method's deployed one: the leader, or e.g. student_0 for "
-           'dml): mean ± sample std (ddof=1) over seeds, then the per-seed values in seed order.', '',
-           '| config | method | network | seeds | finished | steps | best top-1 | last top-1 | best per seed '
-           '| last per seed | wall time |', '|---|---|---|---|---|---|---|---|---|---|---|']
+           'dml): mean ± sample std (ddof=1) over seeds, then the per-seed values in seed order. '
+           f'{MISSING}: no evaluation yet; (n=k): the mean of only the k seeds that have evaluated.', '']
+  header = ['config', 'method', 'network', 'seeds', 'finished', 'steps', 'best top-1', 'last top-1',
+            'best per seed', 'last per seed', 'wall time']
+  body = []
   for row in rows:
-    mean_wall = mean_std(row.wall_time_s)[0]
     seeds = ' '.join('?' if s is None else str(s) for s in row.seeds)
-    lines.append(
-        f'| {row.config or "–"} | {row.method} | {row.network} | {seeds} '
-        f'| {row.statuses.count(FINISHED)}/{len(row.seeds)} | {_format_steps(row.steps)} '
-        f'| {_format_mean_std(row.best_top1)} | {_format_mean_std(row.last_top1)} | {_format_values(row.best_top1)} '
-        f'| {_format_values(row.last_top1)} | {_format_duration(mean_wall)} |')
-  lines += ['', _wall_time_note(rows), '']
+    body.append([row.config or MISSING, row.method, row.network, seeds,
+                 f'{row.statuses.count(FINISHED)}/{len(row.seeds)}', _format_steps(row.steps),
+                 _format_mean_std(row.best_top1), _format_mean_std(row.last_top1), _format_values(row.best_top1),
+                 _format_values(row.last_top1), _format_duration(mean_std(row.wall_time_s)[0])])
+  lines += markdown_table(header, body) + ['', _wall_time_note(rows), '']
   networks = sorted({n for row in rows for n in row.last_eval}, key=network_sort_key)
-  lines += ['Last test top-1 (%) of every network: mean ± sample std (ddof=1) over seeds (per-seed values: CSV).', '',
-            '| config | method | ' + ' | '.join(networks) + ' |', '|---|---|' + '---|' * len(networks)]
-  for row in rows:
-    cells = [_format_mean_std(row.last_eval[n]) if n in row.last_eval else '–' for n in networks]
-    lines.append(f'| {row.config or "–"} | {row.method} | ' + ' | '.join(cells) + ' |')
+  # Before any evaluation there is no network to show: one column of MISSING keeps the table well formed.
+  columns = networks or ['no network evaluated yet']
+  lines += ['Last test top-1 (%) of every network: mean ± sample std (ddof=1) over seeds (per-seed values: CSV).', '']
+  lines += markdown_table(['config', 'method', *columns], [
+      [row.config or MISSING, row.method,
+       *(_format_mean_std(row.last_eval[n]) if n in row.last_eval else MISSING for n in columns)] for row in rows])
   return '\n'.join(lines) + '\n'
 
 
@@ -469,9 +679,19 @@ def _csv_number(value: float | None) -> str:
   return '' if value is None else repr(float(value))
 
 
+def _seed_columns(row: GroupRow) -> list[str]:
+  """The CSV column suffix of each of the row's runs: 'seed<k>', or 'run<i>' (its position) for an unknown seed."""
+  return [f'{SEED_DIR_PREFIX}{s}' if s is not None else f'run{i}' for i, s in enumerate(row.seeds)]
+
+
 def csv_rows(rows: Sequence[GroupRow]) -> list[dict[str, str]]:
-  """One CSV row per (config, method); per-seed values space-separated in seed order; std empty for one seed."""
+  """One CSV row per (config, method): for each value, its mean, sample std, n (seeds with the value) and one column
+  per seed (`<value>_seed<k>`); a value that does not exist (no evaluation yet, a network the method lacks, one
+  seed's std) is an empty cell."""
   networks = sorted({n for row in rows for n in row.last_eval}, key=network_sort_key)
+  # Every row gets every seed column (the same columns in the same order), empty where its group lacks the seed.
+  suffixes = sorted({c for row in rows for c in _seed_columns(row)},
+                    key=lambda c: (c.startswith('run'), int(re.sub(r'^\D+', '', c))))
   table = []
   for row in rows:
     out = {'config': row.config, 'method': row.method, 'network': row.network,
@@ -483,8 +703,10 @@ def csv_rows(rows: Sequence[GroupRow]) -> list[dict[str, str]]:
     for name, values in columns:
       mean, std = mean_std(values)
       out[f'{name}_mean'], out[f'{name}_std'] = _csv_number(mean), _csv_number(std)
-      # 'nan' marks a seed without the value (a network its method lacks, or a run that has not evaluated yet).
-      out[f'{name}_per_seed'] = ' '.join(_csv_number(v) or 'nan' for v in values) if mean is not None else ''
+      out[f'{name}_n'] = str(count_values(values))
+      by_suffix = dict(zip(_seed_columns(row), values))
+      for suffix in suffixes:
+        out[f'{name}_{suffix}'] = _csv_number(by_suffix.get(suffix))
     out['wall_time_s_mean'] = _csv_number(mean_std(row.wall_time_s)[0])
     out['wall_time_source'] = '; '.join(sorted({s or 'unknown' for s in row.wall_time_sources}))
     table.append(out)
@@ -507,8 +729,14 @@ def write_csv(rows: Sequence[GroupRow], path: str) -> str:
 
 
 def curve(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """(epochs, values) of `key` over the records that hold it (non-null), in record order."""
-  points = [(r['epoch'], r[key]) for r in records if r.get(key) is not None and r.get('epoch') is not None]
+  """(epochs, values) of `key` over the records that hold it (non-null), in record order.
+
+  A top-1 or top-5 key (`eval/top1/...`, `eval/best_top1/...`, `eval/top5/...`) leaves out negative values: the
+  'no evaluation yet' sentinel of older versions is not a point of the curve.
+  """
+  is_top_k = key.startswith(('eval/top1/', 'eval/best_top1/', 'eval/top5/'))
+  points = [(r['epoch'], r[key]) for r in records if r.get(key) is not None and r.get('epoch') is not None
+            and not (is_top_k and top1_value(r[key]) is None)]
   return np.asarray([p[0] for p in points], np.float64), np.asarray([p[1] for p in points], np.float64)
 
 
@@ -535,26 +763,46 @@ def band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> Band:
 
 
 def loss_terms(records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
-  """{term: [networks]} of the records' `<network>/<term>` keys (ce, kl, loss, sd, ...), plus 'loss/total'."""
+  """{term: [networks]} of the records' `<network>/<term>` keys (ce, kl, loss, sd, ...), plus 'loss/total'.
+
+  Any prefix but the non-network ones (eval, accuracy, learning_rate, grad_norm, gate, ...) is a network: student_i,
+  leader, branch_i, temporal_mean_i, teacher, ... whatever the method logs.
+  """
   terms: dict[str, set[str]] = {}
   for record in records:
     for key in record:
       network, _, term = key.partition('/')
-      if term and _NETWORK_PATTERN.match(network):
-        terms.setdefault(term, set()).add(network)
-      elif key == 'loss/total':
+      if key == 'loss/total':
         terms.setdefault('total', set()).add('loss')
+      elif term and network not in _NOT_NETWORK_PREFIXES:
+        terms.setdefault(term, set()).add(network)
   return {term: sorted(nets, key=network_sort_key) for term, nets in sorted(terms.items())}
 
 
+def network_names(records: Iterable[Mapping[str, Any]]) -> list[str]:
+  """Every network the records name: evaluated (`eval/top1/<network>`) or with a loss term; sorted."""
+  records = list(records)
+  names = {k[len('eval/top1/'):] for r in records for k in r if k.startswith('eval/top1/')}
+  names.update(n for networks in loss_terms(records).values() for n in networks if n != 'loss')
+  return sorted(names, key=network_sort_key)
+
+
 def load_config_file(path: str, repo_root: str | None = None):
-  """`get_config()` of a configs/*.py file (the repository root goes on sys.path for `from configs...` imports)."""
+  """`get_config()` of a configs/*.py file (the repository root goes on sys.path for `from configs...` imports).
+
+  Raises:
+    StudyError: no such file, or it defines no get_config().
+  """
+  if not os.path.isfile(path):
+    raise StudyError(f'{path}: no such config file; give a configs/*.py file.')
   repo_root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if repo_root not in sys.path:
     sys.path.insert(0, repo_root)
   spec = importlib.util.spec_from_file_location(f'_study_config_{config_name(path)}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if not callable(getattr(module, 'get_config', None)):
+    raise StudyError(f'{path} defines no get_config(); give a config file like configs/*.py.')
   return module.get_config()
 
 

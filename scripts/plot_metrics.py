@@ -11,10 +11,13 @@ Figures (`--figures`, default all but `keys`; `--keys` alone draws only the keys
   epochs: the mean over seeds as a line, the min–max over seeds as a band; one panel per config.
 - networks: every network's test top-1 (mean over seeds), one panel per (config, method).
 - losses: one panel per loss term (ce, kl, loss, ...), one colour per network, one line style per (config, method).
-- schedules: the learning rates and the λ warm-up factor: lines computed from the config (WORKDIR/config.json, or
-  `--config FILE`) with the training code's own schedules, dots the values logged in metrics.jsonl.
+- schedules: the learning rates and the λ warm-up factor: lines computed step by step from the config
+  (WORKDIR/config.json, or `--config FILE`) with the training code's own schedules (the exact step function), hollow
+  dots the logged values, which are means over a logging window (one across a step lies between the two levels).
 - keys: one panel per metrics.jsonl key matching `--keys` (comma-separated fnmatch patterns), mean and band per group.
-Each network has one colour in every figure; legends sit outside the axes.
+Each network has its own colour, the same in every figure; each (config, method) group its own (colour, line
+style); legends sit outside the axes and count only the seeds that have evaluated. An error is one line on stderr
+(--verbosity=1 adds the traceback).
 """
 
 from __future__ import annotations
@@ -23,45 +26,102 @@ import argparse
 import fnmatch
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
-import matplotlib
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 
+from ffsd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ffsd_jax import studies  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+try:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.colors  # pylint: disable=g-import-not-at-top
+except ImportError:
+  sys.exit('ModuleNotFoundError: matplotlib is not installed; pip install -r requirements-plot.txt')
 matplotlib.use('Agg')
 from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-
-from ffsd_jax import studies  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 FIGURES = ('headline', 'networks', 'losses', 'schedules')
-# Fixed colours, so a network looks the same in every figure; students cycle through the rest of tab20.
+# Fixed colours, so a network looks the same in every figure; students and decoders have their own small palettes,
+# and every other network (branch_i, temporal_mean_i, teacher, ...) a spare colour of tab20b/tab20c.
 NETWORK_COLOURS = {'leader': 'tab:red', 'fusion': 'tab:purple', 'ensemble': 'black', 'decoder_leader': 'tab:brown',
                    'loss': 'dimgray'}
 _STUDENT_COLOURS = ('tab:blue', 'tab:orange', 'tab:green', 'tab:cyan', 'tab:olive', 'tab:pink', 'teal', 'navy')
 _DECODER_COLOURS = ('#aec7e8', '#ffbb78', '#98df8a', '#9edae5', '#dbdb8d', '#f7b6d2', 'lightsteelblue', 'khaki')
-METHOD_COLOURS = {'ffsd': 'tab:red', 'dml': 'tab:blue', 'independent': 'tab:gray'}
-_OTHER_COLOURS = ('tab:green', 'tab:orange', 'tab:purple', 'tab:brown', 'tab:olive', 'tab:cyan', 'tab:pink')
-_GROUP_STYLES = ('-', '--', ':', '-.')
+_SPARE_NETWORK_COLOURS = tuple(matplotlib.colors.to_hex(c) for name in ('tab20b', 'tab20c')
+                               for c in matplotlib.colormaps[name].colors)
+# Method colours: fixed for the registered methods, the rest of tab10 (and two more) for any other group.
+METHOD_COLOURS = {'ffsd': 'tab:red', 'dml': 'tab:blue', 'independent': 'tab:gray', 'kdcl': 'tab:green',
+                  'one': 'tab:orange', 'pcl': 'tab:purple'}
+_GROUP_COLOURS = tuple(METHOD_COLOURS.values()) + ('tab:brown', 'tab:olive', 'tab:cyan', 'tab:pink')
+# Nine dash patterns: with ten colours, (colour, style) pairs stay distinct for 90 groups, and the style alone (the
+# losses figure, where colour means the network) for 9.
+_GROUP_STYLES = ('-', '--', ':', '-.', (0, (5, 1, 1, 1, 1, 1)), (0, (10, 3)), (0, (1, 4)), (0, (10, 2, 2, 2)),
+                 (0, (3, 1, 1, 1, 1, 1, 1, 1)))
 
 
-def network_colour(network: str) -> str:
-  """The colour of a network in every figure."""
+class GroupStyle(NamedTuple):
+  """How a (config, method) group is drawn: its colour and its line style (a matplotlib linestyle)."""
+  colour: str
+  linestyle: Any
+
+
+def _fixed_network_colour(network: str) -> str | None:
+  """The fixed colour of a known network (students, decoders, leader, ...), or None."""
   if network in NETWORK_COLOURS:
     return NETWORK_COLOURS[network]
   kind, _, number = network.rpartition('_')
   if number.isdigit() and kind in ('student', 'decoder'):
     colours = _STUDENT_COLOURS if kind == 'student' else _DECODER_COLOURS
     return colours[int(number) % len(colours)]
-  return 'tab:gray'
+  return None
 
 
-def group_colour(label: str, index: int) -> str:
-  """The colour of a (config, method) group: fixed for the three methods, else by order of appearance."""
-  return METHOD_COLOURS.get(label.rpartition('/')[2]) or _OTHER_COLOURS[index % len(_OTHER_COLOURS)]
+def network_colours(networks: Iterable[str]) -> dict[str, str]:
+  """A distinct colour for each network: the fixed one of a known network, else (or if taken) a spare colour.
+
+  Called with every network of the runs, so a network has the same colour in every figure of one call.
+  """
+  names = sorted(set(networks), key=studies.network_sort_key)
+  fixed = {n: _fixed_network_colour(n) for n in names}
+  spare = [c for c in _SPARE_NETWORK_COLOURS if c not in fixed.values()]
+  colours: dict[str, str] = {}
+  for index, name in enumerate(names):
+    colour = fixed[name]
+    if colour is None or colour in colours.values():  # student_8 would repeat student_0's colour.
+      colour = spare.pop(0) if spare else _SPARE_NETWORK_COLOURS[index % len(_SPARE_NETWORK_COLOURS)]
+    colours[name] = colour
+  return colours
+
+
+def network_colour(network: str) -> str:
+  """The colour of a known network (a fixed one); see `network_colours` for sets that hold other networks."""
+  return network_colours([network])[network]
+
+
+def _run_network_colours(runs: Sequence[studies.RunResult]) -> dict[str, str]:
+  """`network_colours` of every network any of the runs evaluates or logs a loss of, plus 'loss' (loss/total)."""
+  return network_colours({n for r in runs for n in studies.network_names(r.records)} | {'loss'})
+
+
+def group_styles(labels: Sequence[str]) -> dict[str, GroupStyle]:
+  """A distinct (colour, line style) for each group label, in order; line styles alone are distinct for 9 groups.
+
+  A registered method keeps its colour (`METHOD_COLOURS`, also as `config/method`) unless an earlier group took it.
+  """
+  styles: dict[str, GroupStyle] = {}
+  for index, label in enumerate(dict.fromkeys(labels)):
+    linestyle = _GROUP_STYLES[index % len(_GROUP_STYLES)]
+    used_colours = {s.colour for s in styles.values()}
+    preferred = METHOD_COLOURS.get(label.rpartition('/')[2])
+    candidates = ([preferred] if preferred and preferred not in used_colours else []) + [
+        c for c in _GROUP_COLOURS if c not in used_colours] + list(_GROUP_COLOURS)
+    colour = next((c for c in candidates if GroupStyle(c, linestyle) not in styles.values()), candidates[0])
+    styles[label] = GroupStyle(colour, linestyle)
+  return styles
 
 
 def read_run(path: str) -> list[dict]:
@@ -103,12 +163,29 @@ def _save(fig, out: str) -> str:
   return out
 
 
-def _draw_band(ax, band: studies.Band, colour: str, label: str, style: str = '-', fill: bool = True):
+def _draw_band(ax, band: studies.Band, colour: str, label: str, style: Any = '-', fill: bool = True):
   marker = '.' if len(band.x) <= 30 else None  # Dots only where there are few points (short runs).
-  (line,) = ax.plot(band.x, band.mean, style, color=colour, lw=1.6, label=label, marker=marker)
+  (line,) = ax.plot(band.x, band.mean, linestyle=style, color=colour, lw=1.6, label=label, marker=marker)
   if fill and np.any(band.high > band.low):
     ax.fill_between(band.x, band.low, band.high, color=colour, alpha=0.2, lw=0)
   return line
+
+
+def evaluated_seeds(members: Sequence[studies.RunResult]) -> int:
+  """How many of the runs have at least one evaluation of their tracked network (the seeds a curve averages)."""
+  return sum(len(studies.curve(r.records, f'eval/top1/{r.network}')[0]) > 0 for r in members)
+
+
+def headline_label(method: str, members: Sequence[studies.RunResult]) -> str:
+  """The legend entry of a method: its tracked network(s) and the number of seeds the curve averages.
+
+  A seed stopped before its first evaluation draws nothing, so it is not counted; it is named as not evaluated yet.
+  """
+  networks = '/'.join(sorted({r.network for r in members}))
+  evaluated = evaluated_seeds(members)
+  label = f'{method} ({networks}, {evaluated} seed{"" if evaluated == 1 else "s"}'
+  waiting = len(members) - evaluated
+  return label + (f'; {waiting} not evaluated yet)' if waiting else ')')
 
 
 def headline_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, dict[str, studies.Band]]:
@@ -119,15 +196,14 @@ def headline_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, di
   fig, axes = _panels(len(by_config), cols=2)
   plotted: dict[str, dict[str, studies.Band]] = {}
   handles, labels = [], []
-  methods = list(dict.fromkeys(r.method for r in runs))
+  styles = group_styles([r.method for r in runs])
   for ax, (name, groups) in zip(axes, by_config.items()):
     plotted[name] = {}
     for method, members in groups.items():
       band = studies.band([studies.curve(r.records, f'eval/top1/{r.network}') for r in members])
       plotted[name][method] = band
-      networks = '/'.join(sorted({r.network for r in members}))
-      label = f'{method} ({networks}, {len(members)} seed{"s" if len(members) > 1 else ""})'
-      line = _draw_band(ax, band, group_colour(method, methods.index(method)), label)
+      label = headline_label(method, members)
+      line = _draw_band(ax, band, styles[method].colour, label, styles[method].linestyle)
       if label not in labels:
         handles.append(line)
         labels.append(label)
@@ -141,6 +217,7 @@ def headline_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, di
 def networks_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, dict[str, studies.Band]]:
   """Every network's test top-1 (mean over seeds), one panel per group; returns {group: {network: Band}}."""
   groups = group_runs(runs)
+  colours = _run_network_colours(runs)
   fig, axes = _panels(len(groups))
   plotted: dict[str, dict[str, studies.Band]] = {}
   legend: dict[str, Any] = {}
@@ -151,8 +228,10 @@ def networks_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, di
     for network in networks:
       band = studies.band([studies.curve(r.records, f'eval/top1/{network}') for r in members])
       plotted[label][network] = band
-      legend.setdefault(network, _draw_band(ax, band, network_colour(network), network, fill=False))
-    ax.set(title=f'{label}: test top-1 (%), mean over {len(members)} seed(s)', xlabel='epoch')
+      legend.setdefault(network, _draw_band(ax, band, colours[network], network, fill=False))
+    evaluated = evaluated_seeds(members)
+    ax.set(title=f'{label}: test top-1 (%), mean over {evaluated} evaluated seed{"" if evaluated == 1 else "s"}',
+           xlabel='epoch')
     ax.grid(alpha=0.3)
   names = sorted(legend, key=studies.network_sort_key)
   _legend_outside(fig, [legend[n] for n in names], names)
@@ -163,6 +242,7 @@ def networks_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, di
 def losses_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, dict[tuple[str, str], studies.Band]]:
   """One panel per loss term; colour = network, line style = group; returns {term: {(group, network): Band}}."""
   groups = group_runs(runs)
+  colours, styles = _run_network_colours(runs), group_styles(list(groups))
   terms: dict[str, set[str]] = {}
   for members in groups.values():
     for run in members:
@@ -172,21 +252,21 @@ def losses_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, dict
   plotted: dict[str, dict[tuple[str, str], studies.Band]] = {}
   for ax, (term, networks) in zip(axes, terms.items()):
     plotted[term] = {}
-    for index, (label, members) in enumerate(groups.items()):
+    for label, members in groups.items():
       for network in sorted(networks, key=studies.network_sort_key):
         key = 'loss/total' if term == 'total' else f'{network}/{term}'
         curves = [c for c in (studies.curve(r.records, key) for r in members) if len(c[0])]
         if curves:
           band = studies.band(curves)
           plotted[term][(label, network)] = band
-          _draw_band(ax, band, network_colour(network), f'{label}: {network}', _GROUP_STYLES[index % 4], fill=False)
+          _draw_band(ax, band, colours[network], f'{label}: {network}', styles[label].linestyle, fill=False)
     ax.set(title='loss/total' if term == 'total' else f'<network>/{term}', xlabel='epoch')
     ax.grid(alpha=0.3)
   networks = sorted({n for names in terms.values() for n in names}, key=studies.network_sort_key)
-  handles = [Line2D([], [], color=network_colour(n)) for n in networks]
+  handles = [Line2D([], [], color=colours[n]) for n in networks]
   labels = list(networks)
   if len(groups) > 1:
-    handles += [Line2D([], [], color='k', ls=_GROUP_STYLES[i % 4]) for i in range(len(groups))]
+    handles += [Line2D([], [], color='k', linestyle=styles[label].linestyle) for label in groups]
     labels += list(groups)
   _legend_outside(fig, handles, labels)
   _save(fig, out)
@@ -200,7 +280,11 @@ _SCHEDULE_PANELS = (('learning_rate/networks', 'learning rate: students, leader,
 
 def schedules_figure(runs: Sequence[studies.RunResult], out: str, config: Any = None
                      ) -> dict[str, dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
-  """Learning rates and λ warm-up per group: lines from the config, dots logged.
+  """Learning rates and λ warm-up per group: the exact schedule from the config as a line, the logged values as dots.
+
+  The logged `learning_rate/*` and `lambda_scale` are means over a logging window, so a window across a step of the
+  schedule logs a value between the two (0.055 where the rate drops from 0.1 to 0.01): the dots are labelled
+  'logged window mean' and the line, evaluated step by step, is the schedule.
 
   Args:
     runs: the runs; each group's first run gives the config (its config.json, else `config`), steps per epoch and
@@ -215,9 +299,10 @@ def schedules_figure(runs: Sequence[studies.RunResult], out: str, config: Any = 
   fig, axes = _panels(len(_SCHEDULE_PANELS))
   plotted: dict[str, dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]] = {k: {} for k, _, _ in _SCHEDULE_PANELS}
   handles, labels = [], []
-  for index, (label, members) in enumerate(groups.items()):
+  styles = group_styles(list(groups))
+  for label, members in groups.items():
     run = members[0]
-    colour = group_colour(label, index)
+    colour, linestyle = styles[label]
     run_config = run.config_values if run.config_values is not None else config
     spe = studies.steps_per_epoch(run.records)
     total = run.total_steps
@@ -236,17 +321,19 @@ def schedules_figure(runs: Sequence[studies.RunResult], out: str, config: Any = 
       if key in computed:
         plotted[key][label]['config'] = computed[key]
         # steps-pre: the value at x = (c + 1) / spe holds over step c, i.e. for epochs in (c / spe, x].
-        (line,) = ax.plot(*computed[key], color=colour, lw=1.4, label=label, drawstyle='steps-pre')
+        (line,) = ax.plot(*computed[key], color=colour, linestyle=linestyle, lw=1.4, label=label,
+                          drawstyle='steps-pre')
         if label not in labels:
           handles.append(line)
           labels.append(label)
       logged = studies.curve(run.records, key)
       if len(logged[0]):
         plotted[key][label]['logged'] = logged
-        dots = ax.plot(*logged, '.', color=colour, ms=4, label=f'{label} (logged)')[0]
-        if f'{label} (logged)' not in labels:
+        dots_label = f'{label} (logged window mean)'
+        dots = ax.plot(*logged, 'o', color=colour, mfc='none', ms=4, lw=0, label=dots_label)[0]
+        if dots_label not in labels:
           handles.append(dots)
-          labels.append(f'{label} (logged)')
+          labels.append(dots_label)
       ax.set(title=title, xlabel='epoch', yscale='log' if log_scale and ax.has_data() else 'linear')
       ax.grid(alpha=0.3)
   _legend_outside(fig, handles, labels)
@@ -259,23 +346,26 @@ def keys_figure(runs: Sequence[studies.RunResult], patterns: Sequence[str], out:
   """One panel per metrics key matching any fnmatch pattern: mean and min–max band per group; {key: {group: Band}}.
 
   Raises:
-    ValueError: no key matches.
+    StudyError: no key matches.
   """
   all_keys = sorted({k for r in runs for rec in r.records for k in rec if k not in ('step', 'epoch', 'time')})
   keys = [k for k in all_keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
   if not keys:
-    raise ValueError(f'No metrics key matches {", ".join(patterns)}; keys: {", ".join(all_keys)}.')
+    raise studies.StudyError(f'No metrics key matches {", ".join(patterns)}; choose --keys from: '
+                             f'{", ".join(all_keys)}.')
   groups = group_runs(runs)
   fig, axes = _panels(len(keys))
   plotted: dict[str, dict[str, studies.Band]] = {}
   handles: dict[str, Any] = {}
+  styles = group_styles(list(groups))
   for ax, key in zip(axes, keys):
     plotted[key] = {}
-    for index, (label, members) in enumerate(groups.items()):
+    for label, members in groups.items():
       curves = [c for c in (studies.curve(r.records, key) for r in members) if len(c[0])]
       if curves:
         plotted[key][label] = studies.band(curves)
-        handles.setdefault(label, _draw_band(ax, plotted[key][label], group_colour(label, index), label))
+        handles.setdefault(label, _draw_band(ax, plotted[key][label], styles[label].colour, label,
+                                             styles[label].linestyle))
     ax.set(title=key, xlabel='epoch')
     ax.grid(alpha=0.3)
   _legend_outside(fig, list(handles.values()), list(handles))
@@ -283,49 +373,60 @@ def keys_figure(runs: Sequence[studies.RunResult], patterns: Sequence[str], out:
   return plotted
 
 
+def check_figures(figures: Sequence[str], keys: Sequence[str]) -> None:
+  """Checks the figure names (and that 'keys' has --keys) before anything is drawn.
+
+  Raises:
+    StudyError: an unknown figure, or the keys figure without keys.
+  """
+  unknown = [f for f in figures if f not in FIGURES + ('keys',)]
+  if unknown:
+    raise studies.StudyError(f'Unknown figure {", ".join(map(repr, unknown))}; choose --figures from '
+                             f'{",".join(FIGURES + ("keys",))}.')
+  if 'keys' in figures and not keys:
+    raise studies.StudyError("The keys figure needs --keys (comma-separated keys or patterns, e.g. 'leader/*').")
+
+
 def plot(runs: Sequence[studies.RunResult], out: str, figures: Sequence[str] = FIGURES,
          keys: Sequence[str] = (), config: Any = None) -> dict[str, str]:
-  """Writes the chosen figures to `<out>_<figure>.png` (`out` without .png); returns {figure: path}."""
+  """Writes the chosen figures to `<out>_<figure>.png` (`out` without .png); returns {figure: path}.
+
+  Raises:
+    StudyError: an unknown figure, the keys figure without keys, or keys that match nothing.
+  """
+  check_figures(figures, keys)
   out = out[:-len('.png')] if out.endswith('.png') else out
   if os.path.dirname(out):
     os.makedirs(os.path.dirname(out), exist_ok=True)
+  draw = {'headline': headline_figure, 'networks': networks_figure, 'losses': losses_figure,
+          'schedules': lambda r, path: schedules_figure(r, path, config),
+          'keys': lambda r, path: keys_figure(r, keys, path)}
   paths = {}
   for figure in figures:
-    path = f'{out}_{figure}.png'
-    if figure == 'headline':
-      headline_figure(runs, path)
-    elif figure == 'networks':
-      networks_figure(runs, path)
-    elif figure == 'losses':
-      losses_figure(runs, path)
-    elif figure == 'schedules':
-      schedules_figure(runs, path, config)
-    elif figure == 'keys':
-      keys_figure(runs, keys, path)
-    else:
-      raise ValueError(f'Unknown figure {figure!r}; valid: {", ".join(FIGURES + ("keys",))}.')
-    paths[figure] = path
+    paths[figure] = f'{out}_{figure}.png'
+    draw[figure](runs, paths[figure])
   return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  """Draws the figures and prints their paths; returns the exit status (a user error exits with one line)."""
+  parser = studies.ArgumentParser(prog=os.path.basename(__file__), description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('paths', nargs='+', help='study roots or workdirs; label=path sets the method (group) label')
   parser.add_argument('--out', default='metrics', help='output prefix: writes <out>_<figure>.png')
   parser.add_argument('--figures', help=f'comma-separated, from {",".join(FIGURES + ("keys",))}')
   parser.add_argument('--keys', default='', help="comma-separated metrics keys or patterns (e.g. 'leader/*')")
   parser.add_argument('--config', help='config file for the schedules of runs without WORKDIR/config.json')
+  parser.add_argument('--verbosity', type=int, default=0, help='1: show the traceback of an error too')
   args = parser.parse_args(argv)
   keys = [k for k in args.keys.split(',') if k]
-  figures = args.figures.split(',') if args.figures else (['keys'] if keys else list(FIGURES))
+  figures = [f for f in args.figures.split(',') if f] if args.figures else (['keys'] if keys else list(FIGURES))
   if keys and 'keys' not in figures:
     figures.append('keys')
-  config = studies.load_config_file(args.config, REPO_ROOT) if args.config else None
-  try:
+  with errors.report_errors(verbose=args.verbosity >= 1):
+    check_figures(figures, keys)
+    config = studies.load_config_file(args.config, REPO_ROOT) if args.config else None
     paths = plot(studies.collect_runs(args.paths), args.out, figures, keys, config)
-  except (ValueError, FileNotFoundError) as error:
-    print(f'{type(error).__name__}: {error}', file=sys.stderr)
-    return 2
   for path in paths.values():
     print(path)
   return 0

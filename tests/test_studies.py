@@ -94,10 +94,15 @@ def test_aggregate_three_finished_seeds_gives_exact_mean_and_sample_std(study_ro
   row = csv_table['ffsd']
   assert float(row['best_top1_mean']) == 72.0 and float(row['best_top1_std']) == 2.0
   assert float(row['last_top1_std']) == math.sqrt(7.0)
-  assert row['best_top1_per_seed'] == '70.0 72.0 74.0' and row['seeds'] == '0 1 2' and row['num_finished'] == '3'
-  assert row['last_top1/ensemble_per_seed'] == '75.0 76.0 77.0' and float(row['last_top1/ensemble_mean']) == 76.0
+  assert [row[f'best_top1_seed{k}'] for k in range(3)] == ['70.0', '72.0', '74.0'] and row['best_top1_n'] == '3'
+  assert row['seeds'] == '0 1 2' and row['num_finished'] == '3'
+  assert [row[f'last_top1/ensemble_seed{k}'] for k in range(3)] == ['75.0', '76.0', '77.0']
+  assert float(row['last_top1/ensemble_mean']) == 76.0
   assert float(row['wall_time_s_mean']) == 200.0
-  assert csv_table['dml']['last_top1/leader_mean'] == '' and csv_table['dml']['last_top1/leader_per_seed'] == ''
+  # dml has no leader and no seed 2: empty cells, n = 0.
+  dml_row = csv_table['dml']
+  assert dml_row['last_top1/leader_mean'] == dml_row['last_top1/leader_seed0'] == dml_row['best_top1_seed2'] == ''
+  assert dml_row['last_top1/leader_n'] == '0' and dml_row['best_top1_seed1'] == '67.0'
   assert csv_table['dml']['network'] == 'student_0'
 
 
@@ -198,12 +203,12 @@ def test_run_study_skips_finished_resumes_the_rest_and_stops_on_preemption(tmp_p
   assert [c[5] for c in calls] == [r.workdir for r in runs[1:5]]
   assert calls[0] == ['py', 'main.py', '--config', 'c.py', '--workdir', runs[1].workdir, '--config.method=dml',
                       '--config.seed=0', '--config.num_epochs=2']
-  assert outcome == {'skipped': [runs[0]], 'done': [runs[1], runs[3], runs[4]], 'failed': [runs[2]],
-                     'not_started': [runs[5]]}
+  assert outcome == studies.StudyOutcome(skipped=[runs[0]], done=[runs[1], runs[3]], stopped=[runs[4]],
+                                         failed=[runs[2]], not_started=[runs[5]], interrupted=False)
   assert lines[0] == f'[1/6] c ffsd seed 0: already finished at step 8; skipped ({runs[0].workdir})'
   assert lines[1].startswith('[2/6] c dml seed 0: resuming: py main.py')
   assert lines[2].startswith('[3/6] c ffsd seed 1: starting: ')
-  assert lines[-1] == '[5/6] c ffsd seed 2: stopped (preempted); rerun the study to continue.'
+  assert lines[-1] == '[5/6] c ffsd seed 2: stopped (resumable): preempted (SIGTERM); rerun the study to continue.'
 
 
 def test_study_script_prints_commands_and_aggregates(study_root, tmp_path):
@@ -227,8 +232,9 @@ def test_study_script_prints_commands_and_aggregates(study_root, tmp_path):
     assert study.main(['aggregate', study_root, '--csv', str(tmp_path / 'r.csv')]) == 0
   assert '| cifar | ffsd | leader | 0 1 2 | 3/3 |' in out.getvalue()
   assert os.path.exists(tmp_path / 'r.csv')
-  with contextlib.redirect_stderr(io.StringIO()):
-    assert study.main(['run', '--configs', config, '--root', str(tmp_path), '--config.method=dml']) == 2
+  with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as exit_info:
+    study.main(['run', '--configs', config, '--root', str(tmp_path), '--config.method=dml'])
+  assert exit_info.value.code == 2
 
 
 def _captured_axes(monkeypatch):
@@ -356,8 +362,8 @@ def test_run_study_stops_when_a_run_exits_short_of_its_last_step(tmp_path):
 
   lines = []
   outcome = studies.run_study(runs, call=stopped_run, log=lines.append)
-  assert outcome == {'skipped': [], 'done': [runs[0]], 'failed': [], 'not_started': [runs[1]]}
-  assert lines[-1] == '[1/2] c ffsd seed 0: stopped (preempted); rerun the study to continue.'
+  assert outcome == studies.StudyOutcome(stopped=[runs[0]], not_started=[runs[1]])
+  assert lines[-1] == '[1/2] c ffsd seed 0: stopped (resumable): preempted; rerun the study to continue.'
 
 
 def test_call_main_returns_the_exit_status_and_restores_signal_handlers():
