@@ -6,8 +6,9 @@
 - `parameters.txt`: the full per-leaf parameter table (clu.parameter_overview); the console shows one line per network.
 
 The model FLOP utilisation (MFU) helpers live here too, so the training loop and scripts/benchmark.py share one peak
-table: FLOPs come from XLA's cost analysis of the compiled (partitioned, so per-device) step. So does the console's
-filter of Orbax's log chatter (`QuietOrbaxFilter`, installed by main.py).
+table: FLOPs come from XLA's cost analysis of the compiled (partitioned, so per-device) step. So do the console's
+filters: Orbax's log chatter (`QuietOrbaxFilter`, installed on absl's handler by main.py and the scripts) and JAX's
+line about a missing TPU (`quiet_startup_noise`, called by every entry point before JAX starts its backends).
 """
 
 from __future__ import annotations
@@ -243,12 +244,52 @@ def write_parameter_table(workdir: str, params: Mapping[str, Any], title: str) -
 
 class QuietOrbaxFilter(std_logging.Filter):
   """Drops Orbax's INFO chatter (several lines per save/restore) and the 3 warnings every read-only checkpoint
-  manager emits (eval and export open theirs read-only on purpose); its other warnings and errors still show."""
+  manager emits (eval and export open theirs read-only on purpose); its other warnings still show.
+
+  Without `verbose`, Orbax's error reports of a failed background save (each with a traceback, and asyncio's "Future
+  exception was never retrieved" for the writes it abandoned) are dropped too: the training loop reports such a
+  failure itself in one line (the folder, the cause, the step to resume from). `--verbosity=1` keeps them.
+  """
+
+  def __init__(self, verbose: bool = False):
+    super().__init__()
+    self._verbose = verbose
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.ERROR and not self._verbose:
+      abandoned_write = ('asyncio' in record.pathname and
+                         record.getMessage().startswith(('Future exception was never retrieved',
+                                                         'Task exception was never retrieved')))
+      if 'orbax' in record.pathname or abandoned_write:
+        return False
     if 'orbax' not in record.pathname:
       return True
     if record.levelno < std_logging.WARNING:
       return False
     message = record.getMessage()
     return 'read_only=True' not in message and 'directory is read only' not in message
+
+
+# JAX probes its optional TPU backend at every start; without libtpu or a TPU the probe fails quietly but logs one INFO
+# line ("Unable to initialize backend 'tpu': ... Failed to open libtpu.so ..."), which absl's handler shows.
+_BACKEND_PROBE_LOGGER = 'jax._src.xla_bridge'
+_TPU_PROBE_PREFIX = "Unable to initialize backend 'tpu'"
+
+
+class _TpuProbeFilter(std_logging.Filter):
+  """Drops the INFO line of the failed TPU probe on a machine without TPUs. A failed probe of another backend (a CUDA
+  plugin that cannot start on a machine with a GPU) and every warning or error of JAX still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not record.getMessage().startswith(_TPU_PROBE_PREFIX)
+
+
+def quiet_startup_noise() -> None:
+  """Silences JAX's "Unable to initialize backend 'tpu'" INFO line; call it before JAX starts its backends.
+
+  The filter sits on JAX's backend-discovery logger itself, so it works whichever handler (absl's, or one a caller
+  adds) prints the logs. Calling it again adds nothing.
+  """
+  logger = std_logging.getLogger(_BACKEND_PROBE_LOGGER)
+  if not any(isinstance(f, _TpuProbeFilter) for f in logger.filters):
+    logger.addFilter(_TpuProbeFilter())

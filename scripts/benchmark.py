@@ -8,6 +8,9 @@ alone) under the same dtype and batch size; for FFSD it is the FFSD overhead rat
 Data come from the synthetic source by default (compute-bound figures); `--data=real` feeds the configured real
 pipeline through the same loop, so input-bound figures are visible too.
 
+A bad flag or config is one line on stderr and exit status 2, before anything is compiled (main.py's checks); a
+failure while measuring is one line and status 1; --verbosity=1 adds the traceback.
+
 Examples:
   python scripts/benchmark.py --config configs/cifar100_resnet32.py
   python scripts/benchmark.py --config configs/imagenet_resnet18.py --dtypes bfloat16 --batch_sizes 256 \
@@ -34,7 +37,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ffsd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from ffsd_jax import config_checks  # pylint: disable=g-import-not-at-top
+from ffsd_jax import data as data_lib
+from ffsd_jax import errors
+from ffsd_jax import methods
 from ffsd_jax import run_record
 from ffsd_jax import sharding as sharding_lib
 from ffsd_jax import train_state as train_state_lib
@@ -50,6 +56,14 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per measurement (after w
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 _DATA = flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'], 'Where batches come from.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the measurements to this JSON file.')
+# Checked while the flags are parsed, so a typo stops the run before anything compiles (one line, exit status 2).
+flags.register_validator('methods', lambda names: set(names) <= set(methods.method_names()),
+                         f'--methods: each must be one of {", ".join(methods.method_names())}')
+flags.register_validator('dtypes', lambda names: set(names) <= set(config_checks.COMPUTE_DTYPES),
+                         f'--dtypes: each must be one of {", ".join(config_checks.COMPUTE_DTYPES)}')
+flags.register_validator('batch_sizes', lambda sizes: sizes is None or all(s.isdigit() and int(s) > 0 for s in sizes),
+                         '--batch_sizes: positive integers, comma-separated')
+
 
 def _peak_memory_bytes(device: jax.Device) -> tuple[int | None, str]:
   stats = device.memory_stats()
@@ -167,9 +181,14 @@ def _write(results: list[dict[str, Any]]) -> None:
                 indent=1)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
-  config = _CONFIG.value
+  with errors.report_errors(verbose=flags.FLAGS.verbosity >= 1):
+    benchmark(_CONFIG.value)
+
+
+def benchmark(config) -> None:
+  """Measures every (dtype, batch size, method) asked for, printing each and the overhead ratios."""
   batch_sizes = [int(b) for b in (_BATCH_SIZES.value or [config.batch_size])]
   print(f'# jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, '
         f'python {platform.python_version()}, config model={config.model}, data={_DATA.value}', flush=True)
@@ -197,4 +216,5 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  run_record.quiet_startup_noise()
+  app.run(main, flags_parser=config_checks.parse_flags)

@@ -13,7 +13,8 @@ CIFAR: decoded once into an array (the first run decodes and caches it; start-up
 augmented per batch in NumPy. ImageNet: PIL decode + RandomResizedCrop + flip per example, in grain worker processes
 (--workers N) or threads (0). Synthetic ImageNet-size images are random pixels (no JPEG decoding), so they overstate
 real throughput; use --imagenet_folder (<root>/train/<class>/*.JPEG, <root>/val/<class>/*) for real JPEGs.
-The script's own imports stay inside main(): grain's workers are spawned and re-import the main module.
+The script's own imports stay inside main(): grain's workers are spawned and re-import the main module. A dataset that
+cannot be read is one line on stderr and exit status 1; --verbosity=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# errors imports nothing heavy: grain workers re-import this module.
+from ffsd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _cpu_seconds() -> float:
@@ -69,7 +73,8 @@ def _report(startup: float, rate: float, per_cpu: float | None) -> str:
   return f'  start-up {startup:.2f} s; steady {rate:,.0f} images/s per host{cpu}'
 
 
-def main(argv=None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--cifar_dataset', default='synthetic', help="'synthetic', 'cifar100' or 'cifar10'")
   parser.add_argument('--cifar_data_dir', default=None)
@@ -83,8 +88,22 @@ def main(argv=None) -> None:
                       help='grain worker counts to compare for ImageNet (0: threads in the main process)')
   parser.add_argument('--skip_imagenet', action='store_true')
   parser.add_argument('--skip_cifar', action='store_true')
-  args = parser.parse_args(argv)
+  parser.add_argument('--verbosity', type=int, default=0, help='1: show the traceback of an error as well')
+  return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+  """The command line: a failure is one line on stderr and its exit status (the traceback with --verbosity=1)."""
+  args = parse_args(argv)
+  with errors.report_errors(verbose=args.verbosity >= 1):
+    run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+  """Measures the CIFAR-style pipeline, then the ImageNet-style one per worker count, printing a line for each."""
+  if args.imagenet_folder and not args.skip_imagenet and not pathlib.Path(args.imagenet_folder).is_dir():
+    raise errors.DataError(f'--imagenet_folder {args.imagenet_folder} is not a folder (expected '
+                           '<root>/train/<class>/* and <root>/val/<class>/*).')
   from configs.default import get_config  # pylint: disable=g-import-not-at-top
   from ffsd_jax import data  # pylint: disable=g-import-not-at-top
 

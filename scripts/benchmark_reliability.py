@@ -13,6 +13,9 @@ then timed:
 The files were just written, so they are read from the page cache: the figures are the CPU cost of hashing, the floor
 of what a restore adds (from a cold disk, reading the files dominates and Orbax reads them too).
 
+A config file that is missing is one line on stderr and exit status 2 before anything runs; a failure while measuring
+(a full disk, ...) is one line and status 1; --verbosity=1 adds the traceback. Orbax's INFO lines are left out.
+
 Examples:
   python scripts/benchmark_reliability.py
   python scripts/benchmark_reliability.py --configs=configs/cifar100_resnet32.py --repeats=5
@@ -32,6 +35,7 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -39,6 +43,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ffsd_jax import checkpointing  # pylint: disable=g-import-not-at-top
+from ffsd_jax import config_checks
+from ffsd_jax import errors
+from ffsd_jax import run_record
 from ffsd_jax import sharding as sharding_lib
 from ffsd_jax import state_guard
 from ffsd_jax import train_state as train_state_lib
@@ -190,8 +197,23 @@ def benchmark_config(path: str, root: str, repeats: int) -> None:
         f'{len(jax.tree.leaves(abstract))} leaves)')
 
 
-def main(argv):
+def check_config_files(paths: list[str]) -> None:
+  """Raises config_checks.ConfigError (exit status 2) naming every path of --configs that is not a file."""
+  missing = [path for path in paths if not os.path.isfile(path)]
+  if missing:
+    raise config_checks.ConfigError(f'--configs: no config file {", ".join(missing)}.')
+
+
+def main(argv: list[str]) -> None:
   del argv
+  logging.get_absl_handler().addFilter(run_record.QuietOrbaxFilter())  # Several INFO lines per save and restore.
+  with errors.report_errors(verbose=flags.FLAGS.verbosity >= 1):
+    check_config_files(_CONFIGS.value)
+    run_benchmarks()
+
+
+def run_benchmarks() -> None:
+  """Benchmarks every config of --configs, in a temporary folder unless --workdir names one."""
   print(f'{os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}, median of {_REPEATS.value}')
   root = _WORKDIR.value or tempfile.mkdtemp(prefix='ffsd_reliability_')
   try:
@@ -203,4 +225,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  run_record.quiet_startup_noise()
   app.run(main)

@@ -10,7 +10,8 @@ gives the time one network spends in that shape (count × forward + backward), a
 network's training pass the convolutions take on each side. Nothing else of the step (batch norm, ReLU, the losses,
 the optimizer) is timed here: `scripts/profile_step.py` profiles the whole step.
 
-torch is imported only here, never by training.
+torch is imported only here, never by training. A refusal (no such config, no torch) is one line on stderr and exit
+status 2; --verbosity=1 adds the traceback.
 
 Examples:
   python scripts/compare_convolutions.py --config configs/cifar100_resnet32.py
@@ -34,6 +35,8 @@ import numpy as np
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO_ROOT)
+
+from ffsd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # (input NHWC, kernel HWIO, strides, padding, feature groups): one distinct convolution.
 ConvShape = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[tuple[int, int], ...], int]
@@ -191,7 +194,8 @@ def compare(config, batch_size: int, rounds: int, repeats: int, threads: int) ->
           'ratio_per_network': totals['xla'] / totals['torch']}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--config', required=True, help='Experiment config file (its model and dataset are used).')
   parser.add_argument('--batch_size', type=int, default=None, help="Default: the config's.")
@@ -199,16 +203,19 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--repeats', type=int, default=5, help='Timed calls per side, kind and round.')
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)), help='torch.set_num_threads.')
   parser.add_argument('--output', default=None, help='Also write the results as JSON.')
-  args = parser.parse_args(argv)
+  parser.add_argument('--verbosity', type=int, default=0, help='1: show the traceback of an error as well.')
+  return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+  """Times the config's convolutions on both sides, printing one line per shape and the totals."""
   if not os.path.isfile(args.config):
-    print(f'compare_convolutions: --config {args.config!r} is not a file', file=sys.stderr)
-    sys.exit(2)
+    raise errors.UsageError(f'compare_convolutions: --config {args.config!r} is not a file')
   try:
     import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel,unused-import
-  except ImportError:
-    print('compare_convolutions: needs torch for the official side (`pip install torch --index-url '
-          'https://download.pytorch.org/whl/cpu`); training never needs it.', file=sys.stderr)
-    sys.exit(2)
+  except ImportError as error:
+    raise errors.UsageError('compare_convolutions: needs torch for the official side (`pip install torch --index-url '
+                     'https://download.pytorch.org/whl/cpu`); training never needs it.') from error
   import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   from ffsd_jax import studies  # pylint: disable=g-import-not-at-top,import-outside-toplevel
 
@@ -224,6 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.output, 'w') as f:
       json.dump(result, f, indent=2)
 
+
+def main(argv: list[str] | None = None) -> None:
+  """The command line: a failure is one line on stderr and its exit status (the traceback with --verbosity=1)."""
+  args = parse_args(argv)
+  with errors.report_errors(verbose=args.verbosity >= 1):
+    run(args)
 
 if __name__ == '__main__':
   main()

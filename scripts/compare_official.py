@@ -18,7 +18,8 @@ What had to be worked around from the outside (the checkout's files are never ed
     no handlers, so the loop's periodic log line costs what formatting costs.
   - `lambda_warmup(epoch)` is called first, as `Trainer.train()` does before each epoch.
 
-torch is imported only here, never by training. With `--device cpu`, CUDA is hidden from both sides.
+torch is imported only here, never by training. With `--device cpu`, CUDA is hidden from both sides. A refusal (no
+official checkout, an unknown config) is one line on stderr and exit status 2; --verbosity=1 adds the traceback.
 
 Examples:
   python scripts/compare_official.py --official_src /tmp/ffsd_official
@@ -44,6 +45,8 @@ import numpy as np
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO_ROOT)
 sys.path.insert(0, os.path.join(_REPO_ROOT, 'scripts'))
+
+from ffsd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Files an official checkout has; a folder without them is refused before torch is imported.
 _OFFICIAL_FILES = ('CIFARTrainer.py', 'models/__init__.py', 'models/self_distillation.py', 'models/fusion_module.py',
@@ -221,7 +224,8 @@ def compare(src: str, spec: str, device: str, rounds: int, steps: int, warmup: i
   return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--official_src', required=True, help='Unmodified SJLeo/FFSD checkout (outside this repo).')
   parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
@@ -233,23 +237,32 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--warmup', type=int, default=2, help='Untimed iterations per side before the rounds.')
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)), help='torch.set_num_threads.')
   parser.add_argument('--output', default=None, help='Also write the results as JSON.')
-  args = parser.parse_args(argv)
+  parser.add_argument('--verbosity', type=int, default=0, help='1: show the traceback of an error as well.')
+  return parser.parse_args(argv)
+
+
+def checked_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
+  """(official checkout, config specs), or UsageError naming what is wrong; before torch or JAX are imported."""
   try:
     src = check_official_src(args.official_src)
     specs = args.configs.split(',')
     for spec in specs:
       parse_config_spec(spec)
-  except (OfficialCheckoutError, ValueError) as e:
-    print(f'compare_official: {e}', file=sys.stderr)
-    sys.exit(2)
+  except ValueError as error:  # OfficialCheckoutError included.
+    raise errors.UsageError(f'compare_official: {error}') from error
+  return src, specs
+
+
+def run(args: argparse.Namespace) -> None:
+  """Compares every config, printing one line per config (and per round)."""
+  src, specs = checked_inputs(args)
   if args.device == 'cpu':
     os.environ['CUDA_VISIBLE_DEVICES'] = ''  # Before torch and JAX start: both sides on the CPU.
   import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   if args.device == 'cpu':
     jax.config.update('jax_platforms', 'cpu')
   elif jax.default_backend() != 'gpu':
-    print(f'compare_official: --device cuda but JAX runs on {jax.default_backend()}', file=sys.stderr)
-    sys.exit(2)
+    raise errors.UsageError(f'compare_official: --device cuda but JAX runs on {jax.default_backend()}')
 
   print(f'# jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, python '
         f'{platform.python_version()}, {platform.processor() or platform.machine()}, '
@@ -269,6 +282,12 @@ def main(argv: list[str] | None = None) -> None:
         json.dump({'jax_version': jax.__version__, 'python': platform.python_version(), 'results': results}, f,
                   indent=1)
 
+
+def main(argv: list[str] | None = None) -> None:
+  """The command line: a failure is one line on stderr and its exit status (the traceback with --verbosity=1)."""
+  args = parse_args(argv)
+  with errors.report_errors(verbose=args.verbosity >= 1):
+    run(args)
 
 if __name__ == '__main__':
   main()

@@ -14,6 +14,7 @@ Two modes:
   checked before anything is written: unreadable ones are listed and the script stops, or, with --skip_bad_images,
   they are left out and listed. The dataset is written into a hidden folder in DIR and renamed into place at the end,
   so a preparation that fails or is killed leaves nothing that blocks the next one.
+A failure is one line on stderr (exit status 2 for a bad command line, 1 otherwise); --verbosity=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -34,9 +35,18 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from ffsd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ffsd_jax.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 OFFICIAL = ('cifar100', 'cifar10', 'imagenet2012')
+
+
+class DatasetNameError(errors.UsageError, ValueError):
+  """A --name that TFDS cannot store a dataset under."""
+
+
+class DatasetExistsError(errors.UserError, FileExistsError):
+  """The dataset (or an unfinished one) is already in --data_dir."""
 
 
 def _png_bytes(image) -> bytes:
@@ -58,11 +68,12 @@ def suggest_dataset_name(name: str) -> str:
 
 
 def check_dataset_name(name: str) -> None:
-  """Raises ValueError, suggesting a valid name, when `name` is not a lower-snake-case TFDS dataset name."""
+  """Raises DatasetNameError (a ValueError), suggesting a valid name, when `name` is not a TFDS dataset name."""
   if not _DATASET_NAME.fullmatch(name or ''):
-    raise ValueError(f'--name {name!r} is not a valid TFDS dataset name: TFDS names are lower snake case (a lowercase '
-                     'letter, then lowercase letters, digits and underscores), and training could not open a dataset '
-                     f'stored under another name. Use e.g. --name {suggest_dataset_name(name or "images")}.')
+    raise DatasetNameError(
+        f'--name {name!r} is not a valid TFDS dataset name: TFDS names are lower snake case (a lowercase letter, then '
+        'lowercase letters, digits and underscores), and training could not open a dataset stored under another '
+        f'name. Use e.g. --name {suggest_dataset_name(name or "images")}.')
 
 
 class _Examples:
@@ -90,19 +101,21 @@ def prepare_image_folder(root: str | os.PathLike, name: str, data_dir: str | os.
   `skip_bad_images`) a file is unreadable; the dataset appears in `data_dir` only once it is complete.
 
   Raises:
-    ValueError: `name` is invalid, or some files are unreadable and `skip_bad_images` is False (all are listed).
-    FileExistsError: `data_dir/name/version` exists already.
+    DatasetNameError: `name` is invalid (a ValueError).
+    errors.DataError: the folder cannot be read, or some files are unreadable and `skip_bad_images` is False (all are
+      listed; a ValueError).
+    DatasetExistsError: `data_dir/name/version` exists already (a FileExistsError).
   """
   check_dataset_name(name)
   target = pathlib.Path(data_dir).expanduser() / name / version
   if (target / 'dataset_info.json').exists():
-    raise FileExistsError(f'{name} {version} is already prepared in {target}; delete it to rebuild.')
+    raise DatasetExistsError(f'{name} {version} is already prepared in {target}; delete it to rebuild.')
   if target.exists():
-    raise FileExistsError(f'{target} exists but holds no dataset_info.json: an incomplete dataset (not written by '
-                          f'this script, which renames a finished dataset into place). Delete it and run again:\n'
-                          f'  rm -r {target}')
-  splits = sources.scan_image_folder(root)
-  splits, skipped = sources.check_image_folder(root, splits, skip_bad_images=skip_bad_images, fix=_SKIP_FIX)
+    raise DatasetExistsError(f'{target} exists but holds no dataset_info.json: an incomplete dataset (not written '
+                             f'by this script, which renames a finished dataset into place). Delete it and run '
+                             f'again: rm -r {target}')
+  splits = sources.scan_image_folder(root)  # Both raise errors.DataError naming the folder or the files at fault.
+  splits = sources.check_image_folder(root, splits, skip_bad_images=skip_bad_images, fix=_SKIP_FIX)[0]
   # tfds' adhoc builder touches `importlib_resources` (a backport not installed here); the stdlib module serves.
   import importlib.resources.abc  # pylint: disable=g-import-not-at-top,unused-import
   sys.modules.setdefault('importlib_resources', importlib.resources)
@@ -136,7 +149,7 @@ def prepare_image_folder(root: str | os.PathLike, name: str, data_dir: str | os.
       message = sources.bad_images_message(f'image folder {root}', failed, num_files, '' if skip_bad_images else
                                            _SKIP_FIX)
       if not skip_bad_images:
-        raise ValueError(message)
+        raise errors.DataError(message)
       print(f'Left out (--skip_bad_images): {message}')
     os.rename(staging / name / version, target)
   finally:
@@ -149,11 +162,10 @@ def prepare_official(dataset: str, data_dir: str, manual_dir: str | None):
   try:
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as error:
-    raise SystemExit(
-        f'Preparing {dataset} with the official TFDS builder needs TensorFlow:\n'
-        '  pip install -r requirements-prepare.txt\n'
-        '(or prepare it from an image folder with --image_folder ROOT --name NAME, which needs no TensorFlow).'
-    ) from error
+    raise errors.UserError(
+        f'Preparing {dataset} with the official TFDS builder needs TensorFlow: pip install -r '
+        'requirements-prepare.txt (or prepare it from an image folder with --image_folder ROOT --name NAME, which '
+        'needs no TensorFlow).') from error
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   builder = tfds.builder(dataset, data_dir=data_dir, file_format='array_record')
@@ -162,10 +174,14 @@ def prepare_official(dataset: str, data_dir: str, manual_dir: str | None):
 
 
 def _unpack_if_archive(path: pathlib.Path, tmp: str) -> pathlib.Path:
+  """The image folder at `path`, or the root of the tar archive at `path` unpacked into `tmp`."""
   if path.is_dir():
     return path
+  if not path.exists():
+    raise errors.DataError(f'--image_folder {path} does not exist: give the folder holding train/<class>/* and '
+                           'test|val/<class>/* (or a .tar/.tar.gz of it).')
   if not tarfile.is_tarfile(path):
-    raise SystemExit(f'--image_folder {path} is neither a folder nor a tar archive.')
+    raise errors.DataError(f'--image_folder {path} is neither a folder nor a tar archive.')
   with tarfile.open(path) as archive:
     archive.extractall(tmp, filter='data')
   # The archive may hold the root itself or one top-level folder containing train/.
@@ -177,7 +193,8 @@ def _unpack_if_archive(path: pathlib.Path, tmp: str) -> pathlib.Path:
   return root
 
 
-def main(argv=None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line (argparse's own errors, e.g. a missing --data_dir, print its usage and exit with status 2)."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--dataset', choices=OFFICIAL, help='official TFDS dataset to prepare (needs TensorFlow)')
   parser.add_argument('--image_folder', help='root with train/<class>/* and test|val/<class>/* (or a .tar.gz)')
@@ -187,16 +204,18 @@ def main(argv=None) -> None:
   parser.add_argument('--version', default='1.0.0', help='version of an --image_folder dataset')
   parser.add_argument('--skip_bad_images', action='store_true',
                       help='leave unreadable images of --image_folder out (listed) instead of stopping')
-  args = parser.parse_args(argv)
+  parser.add_argument('--verbosity', type=int, default=0, help='1: show the traceback of an error as well')
+  return parser.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> None:
+  """Prepares what `args` asks for and prints what was written."""
   if bool(args.dataset) == bool(args.image_folder):
-    parser.error('give exactly one of --dataset or --image_folder')
+    raise errors.UsageError('Give exactly one of --dataset or --image_folder.')
   if args.image_folder:
     if not args.name:
-      parser.error('--image_folder needs --name (the TFDS name to store it under)')
-    try:
-      check_dataset_name(args.name)  # Before anything is unpacked or written.
-    except ValueError as error:
-      parser.error(str(error))
+      raise errors.UsageError('--image_folder needs --name (the TFDS name to store it under).')
+    check_dataset_name(args.name)  # Before anything is unpacked or written.
   start = time.time()
   if args.dataset:
     builder = prepare_official(args.dataset, args.data_dir, args.manual_dir)
@@ -211,6 +230,13 @@ def main(argv=None) -> None:
   label_counts = _label_counts(args, builder)
   if label_counts is not None:
     print(f'  train examples per class: min {label_counts.min()}, max {label_counts.max()}')
+
+
+def main(argv: list[str] | None = None) -> None:
+  """The command line: a failure is one line on stderr and its exit status (the traceback with --verbosity=1)."""
+  args = parse_args(argv)
+  with errors.report_errors(verbose=args.verbosity >= 1):
+    prepare(args)
 
 
 def _label_counts(args, builder):

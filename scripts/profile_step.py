@@ -8,6 +8,9 @@ TensorBoard's profile plugin.
 
 Times are summed over threads, so on a 2-core CPU they can add up to more than the wall-clock step.
 
+A bad flag or config is one line on stderr and exit status 2, before anything is compiled (main.py's checks); a
+failure while profiling is one line and status 1; --verbosity=1 adds the traceback.
+
 Examples:
   python scripts/profile_step.py --config configs/cifar100_resnet32.py
   python scripts/profile_step.py --config configs/cifar100_resnet32.py --config.cpu_library_fusions=False \
@@ -34,8 +37,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ffsd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from ffsd_jax import config_checks  # pylint: disable=g-import-not-at-top
+from ffsd_jax import data as data_lib
+from ffsd_jax import errors
 from ffsd_jax import methods
+from ffsd_jax import run_record
 from ffsd_jax import sharding as sharding_lib
 from ffsd_jax import train_state as train_state_lib
 from ffsd_jax import train_step as train_step_lib
@@ -88,9 +94,14 @@ def _print_table(title: str, rows: list[tuple[float, int, str]], top: int) -> No
     print(f'{milliseconds:10.1f} {count:6d}  {name}')
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   del argv
-  config = _CONFIG.value
+  with errors.report_errors(verbose=flags.FLAGS.verbosity >= 1):
+    profile(_CONFIG.value)
+
+
+def profile(config) -> None:
+  """Profiles the config's step and prints the per-operation tables."""
   if _METHOD.value:
     with config.unlocked():
       config.method = _METHOD.value
@@ -114,7 +125,7 @@ def main(argv):
 
   trace_files = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
   if not trace_files:
-    raise SystemExit(f'No trace file was written under {trace_dir}; is the profiler available on this backend?')
+    raise errors.UserError(f'No trace file was written under {trace_dir}; is the profiler available on this backend?')
   with gzip.open(trace_files[0]) as f:
     trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
@@ -147,4 +158,5 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  run_record.quiet_startup_noise()
+  app.run(main, flags_parser=config_checks.parse_flags)
