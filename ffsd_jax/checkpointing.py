@@ -38,6 +38,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ffsd_jax import errors
+
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'checkpoints_best'
 ITEM_NAMES = ('state', 'data_iterator', 'loop', 'config')
@@ -50,11 +52,11 @@ MANIFEST_FORMAT = 'ffsd_jax checkpoint manifest'
 # scripts/benchmark_reliability.py) and the one `sha256sum` checks by hand.
 HASH_ALGORITHM = 'sha256'
 # Orbax writes this file into a step folder as the last part of its commit, in both of its atomicity modes.
-_ORBAX_COMMIT_FILE = 'commit_success.txt'
+ORBAX_COMMIT_FILE = 'commit_success.txt'
 _TMP_SUFFIX = '.tmp'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint that cannot be used: another architecture, or truncated / corrupt files."""
 
 
@@ -245,7 +247,7 @@ class _ManifestCheckpointManager(ocp.CheckpointManager):
       step_dir = _step_path(self, step)
       # Committed: Orbax renamed the temporary folder to the step's name and wrote its commit file; a failed save
       # leaves neither, and such a step must never look verified.
-      if (not os.path.isfile(os.path.join(step_dir, _ORBAX_COMMIT_FILE))
+      if (not os.path.isfile(os.path.join(step_dir, ORBAX_COMMIT_FILE))
           or os.path.exists(os.path.join(step_dir, MANIFEST_FILE))):
         continue
       try:
@@ -381,7 +383,7 @@ def _drop_closed_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
-def _short_cause(error: BaseException) -> str:
+def short_cause(error: BaseException) -> str:
   """The first line of an Orbax / tensorstore error, without the tensorstore spec (kilobytes of JSON)."""
   text = re.split(r'\s*\[tensorstore_spec', str(error))[0].strip().splitlines()
   text = text[0] if text else ''
@@ -396,7 +398,7 @@ def _orbax_restore(manager: ocp.CheckpointManager, step: int, args: ocp.args.Com
     return manager.restore(step, args=args)
   except Exception as e:  # pylint: disable=broad-except
     logging.debug('Orbax could not restore %s.', path, exc_info=True)  # The full chain, with --verbosity=1.
-    raise CheckpointError(f'Cannot restore the checkpoint {path} ({_short_cause(e)}). {problem}') from None
+    raise CheckpointError(f'Cannot restore the checkpoint {path} ({short_cause(e)}). {problem}') from None
 
 
 _UNREADABLE = ('It is truncated, corrupt or was written by an incompatible version; it was left untouched. Move that '

@@ -26,14 +26,14 @@ from typing import Any, Iterable, Mapping, NoReturn, Sequence
 from absl import flags
 import ml_collections
 
+from ffsd_jax import errors
 from ffsd_jax import methods
 from ffsd_jax import models
 from ffsd_jax.data import normalization
 from ffsd_jax.data import sources
+from ffsd_jax.train_state import COMPUTE_DTYPES
 from ffsd_jax.train_state import LR_SCHEDULES
 
-# train_state._compute_dtype accepts exactly these (it holds no constant to import).
-COMPUTE_DTYPES = ('float32', 'bfloat16')
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 # Exit status of main.py for a bad command line or config, apart from a run that fails (1).
 USAGE_EXIT_CODE = 2
@@ -71,8 +71,10 @@ CHECKED_ELSEWHERE_KEYS = frozenset({
 FREE, OPTIMISATION, CHECKED_ELSEWHERE = 'free', 'optimisation', 'checked_elsewhere'
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config that cannot run; the message has one line per problem."""
+
+  exit_code = errors.EXIT_USAGE
 
 
 class ConfigChangeError(ConfigError):
@@ -135,8 +137,14 @@ def _choice(problems: list[str], config: Any, key: str, choices: Sequence[str], 
   if value in choices:
     return True
   problems.append(_line(key, value, f'one of {", ".join(choices)}' + (' or None' if optional else ''),
-                        f'set --config.{key}={choices[0]}'))
+                        f'set --config.{key}={nearest_choice(value, choices)}'))
   return False
+
+
+def nearest_choice(value: Any, choices: Sequence[str]) -> str:
+  """The valid choice closest to `value` in spelling (e.g. resnet19 -> resnet18), else the first one."""
+  close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+  return close[0] if close else str(choices[0])
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -199,7 +207,8 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     problems.extend(method(config).check_config())
 
   classes = _NUM_CLASSES.get(config.get('dataset'))
-  check_int('num_classes', 2, f'set --config.num_classes={classes or "<the number of classes in the dataset>"}')
+  if config.get('num_classes') != 0 or config.get('dataset') == 'synthetic':  # 0: the dataset's own count.
+    check_int('num_classes', 2, f'set --config.num_classes={classes or 0} (0 takes the dataset\'s count)')
   image_size = config.get('image_size')
   model = config.get('model')
   try:
@@ -207,7 +216,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   except ValueError:
     spec = None
     problems.append(_line('model', model, f'one of {", ".join(models.BACKBONES)} (or an alias)',
-                          'set --config.model=resnet32'))
+                          f'set --config.model={nearest_choice(model, models.BACKBONES)}'))
   image_size_ok = check_int('image_size', 1, f'set --config.image_size={spec.input_size if spec else 32}')
   if image_size_ok and spec is not None:
     # The networks' own input-size rule (FFSDModel checks it only when first called, inside compilation).
@@ -435,16 +444,32 @@ def format_change(change: Mapping[str, Any]) -> str:
   return f'config.{change["key"]}: {old} in the checkpoint, {new} now'
 
 
-def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any],
-                        allow_change: bool) -> list[dict[str, Any]]:
+def _total_steps(config: Mapping[str, Any], steps_per_epoch: int) -> int:
+  max_steps = config.get('max_steps') or -1
+  return max_steps if max_steps > 0 else int(config.get('num_epochs') or 0) * steps_per_epoch
+
+
+def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], allow_change: bool, *,
+                        steps_per_epoch: int | None = None, checkpoint_step: int | None = None
+                        ) -> list[dict[str, Any]]:
   """The changes between the checkpoint's config and the current one; refuses optimisation changes unless allowed.
 
   Changes of CHECKED_ELSEWHERE keys are returned but neither refused nor allowed here: the architecture check and the
-  data iterator refuse them with their own messages.
+  data iterator refuse them with their own messages. With `steps_per_epoch` and `checkpoint_step`, a resume that
+  would end an unfinished run earlier than it was set to (a forgotten --config.num_epochs) is refused too.
 
   Raises:
-    ConfigChangeError: some OPTIMISATION (or unclassified) key changed and `allow_change` is False.
+    ConfigChangeError: some OPTIMISATION (or unclassified) key changed, or the run is shortened, and `allow_change`
+      is False.
   """
+  if steps_per_epoch is not None and checkpoint_step is not None and not allow_change:
+    planned, now = _total_steps(saved, steps_per_epoch), _total_steps(current, steps_per_epoch)
+    if checkpoint_step < planned and now < planned:
+      raise ConfigChangeError(
+          f'The checkpointed run (step {checkpoint_step}) was set to train {planned} steps (num_epochs='
+          f'{saved.get("num_epochs")}, max_steps={saved.get("max_steps")}), but this config stops at {now} '
+          f'(num_epochs={current.get("num_epochs")}, max_steps={current.get("max_steps")}). Pass the same run length '
+          'to finish it, or --config.allow_config_change=True to end it earlier.')
   changes = config_changes(saved, current)
   blocking = [c for c in changes if c['kind'] == OPTIMISATION]
   if blocking and not allow_change:
@@ -495,3 +520,27 @@ def read_config_changes(workdir: str) -> list[dict[str, Any]]:
       if isinstance(record, dict):
         records.append(record)
   return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The workdir's own config for --mode eval/export.
+
+
+def with_saved_config(argv: Sequence[str], saved_config_file: str, config_flag: str = 'config') -> list[str]:
+  """`argv` with `--config=<saved_config_file>:WORKDIR` added for `--mode eval/export` without `--config`.
+
+  `saved_config_file` is a config file whose `get_config(workdir)` reads WORKDIR/config.json (configs/saved.py), so
+  --config.KEY overrides still apply on top. Training keeps needing --config; so does a workdir without config.json.
+  """
+  argv = list(argv)
+  if _config_argument(argv, config_flag) is not None:
+    return argv
+  mode, workdir = _config_argument(argv, 'mode') or 'train', _config_argument(argv, 'workdir')
+  if mode == 'train' or not workdir:
+    _fail(f'--{config_flag} is required: the experiment config file, e.g. --{config_flag} configs/smoke.py.' +
+          ('' if mode == 'train' else ' (With --workdir, --mode eval/export read the config the run trained with.)'))
+  saved = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(saved):
+    _fail(f'{saved} not found, so the config the run trained with is unknown: pass it with --{config_flag} '
+          'configs/<name>.py (and the --config.KEY overrides the run used).')
+  return argv[:1] + [f'--{config_flag}={saved_config_file}:{workdir}'] + argv[1:]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ffsd_jax import errors
 from ffsd_jax import models
 from ffsd_jax.data.normalization import normalize_images
 
@@ -40,7 +41,7 @@ PORTABLE_PLATFORMS = ('cpu', 'cuda', 'tpu')
 _TMP_SUFFIX = '.tmp'
 
 
-class ExportError(RuntimeError):
+class ExportError(errors.UserError, RuntimeError):
   """An export folder that cannot be loaded: a corrupt or mismatched file."""
 
 
@@ -84,20 +85,29 @@ def _write_export(export_dir: str, params: bytes, metadata: dict[str, Any],
     os.close(folder)
 
 
-def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: str | None = None,
+def export_leader(config_or_setup: ml_collections.ConfigDict | Any, workdir: str, export_dir: str | None = None,
                   checkpoint: str = 'best') -> str:
-  """Writes the leader of the best (or latest) checkpoint in `workdir` to `export_dir` (default workdir/export).
+  """Writes the deployed network (the leader for FFSD) of the best (or latest) checkpoint in `workdir` to
+  `export_dir` (default workdir/export).
+
+  Args:
+    config_or_setup: the run's config, or its `run_setup.build(config)`.
+    workdir: the training run's folder.
+    export_dir: where to write (default: workdir/export).
+    checkpoint: 'best' or 'latest'.
 
   Returns:
     The export folder.
   """
   # Imported here so that `load_leader` (inference) does not pull in the training stack (grain, TFDS, Orbax).
-  from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top
-  state, step, path, _, info = train_loop.restore_for_inference(config, workdir, checkpoint)
+  from ffsd_jax import inference  # pylint: disable=g-import-not-at-top
+  restored = inference.restore_for_inference(config_or_setup, workdir, checkpoint)
+  setup, config, info = restored.setup, restored.setup.config, restored.setup.info
   export_dir = os.path.abspath(export_dir or os.path.join(workdir, 'export'))
-  network = train_loop.deployed_network(config)  # The leader; student_0 for 'dml', which has no leader.
+  network = setup.deployed_network  # The leader; student_0 for 'dml', which has no leader.
   # Replicated arrays: every process holds a full copy, so read the local one (also on multi-host runs).
-  leader = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), train_loop.deployed_variables(state, config))
+  leader = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                        inference.deployed_variables(setup, restored.state))
   metadata = {
       'model': config.model,
       'network': network,
@@ -106,12 +116,13 @@ def export_leader(config: ml_collections.ConfigDict, workdir: str, export_dir: s
       'mean_std': [list(map(float, v)) for v in info.mean_std],
       'compute_dtype': config.compute_dtype,
       'dataset': config.dataset,
-      'step': int(step),
-      'checkpoint': path,
+      'step': restored.step,
+      'checkpoint': restored.checkpoint,
   }
   if jax.process_index() == 0:
     write_leader_export(export_dir, leader, metadata)
-    logging.info('Exported the leader (%s, step %d) to %s.', config.model, step, export_dir)
+    logging.info('Exported %s (%s, method %s, step %d) to %s.', network, config.model, config.method,
+                 restored.step, export_dir)
   return export_dir
 
 
@@ -193,14 +204,20 @@ def read_export(export_dir: str) -> tuple[dict[str, Any], Any]:
     ExportError: naming the file that is unreadable or does not match.
   """
   metadata_path, params_path = os.path.join(export_dir, METADATA_FILE), os.path.join(export_dir, PARAMS_FILE)
-  reexport = 'Export the leader again (python main.py --config ... --workdir ... --mode export).'
+  reexport = 'Export the leader again (python main.py --workdir WORKDIR --mode export).'
+  if not os.path.isfile(metadata_path):
+    raise ExportError(
+        f'{export_dir} is not an export folder: it has no {METADATA_FILE}. Write one with `python main.py --workdir '
+        'WORKDIR --mode export`, or convert an official checkpoint with scripts/convert_official.py.')
   try:
     with open(metadata_path, 'rb') as f:
       metadata = json.loads(f.read())
+    with open(params_path, 'rb') as f:
+      params = f.read()
   except ValueError as e:
     raise ExportError(f'The export file {metadata_path} is not valid JSON ({e}). {reexport}') from None
-  with open(params_path, 'rb') as f:
-    params = f.read()
+  except OSError as e:
+    raise ExportError(f'The export file {e.filename} cannot be read ({e.strerror}). {reexport}') from None
   expected = metadata.get('params_sha256')
   if expected is None:
     logging.warning('%s records no sha256 of %s (an export by an older version): loading it unverified.',

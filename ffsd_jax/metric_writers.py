@@ -22,7 +22,7 @@ import jax
 
 METRICS_FILE = 'metrics.jsonl'
 # Record keys that measure the machine, not the run: they differ between a resumed run and one that never stopped.
-TIMING_KEYS = frozenset({'time', 'steps_per_sec', 'images_per_sec', 'mfu'})
+TIMING_KEYS = frozenset({'time', 'steps_per_sec', 'images_per_sec', 'mfu', 'data_wait_fraction'})
 
 
 def _parse_records(path: str) -> tuple[list[dict[str, Any]], int | None]:

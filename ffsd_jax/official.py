@@ -35,12 +35,14 @@ import struct
 import zipfile
 from typing import Any, Iterable, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from ffsd_jax import checkpointing
+from ffsd_jax import errors
 from ffsd_jax import export
 from ffsd_jax import models
 from ffsd_jax.models.heads import TransFusionHead
@@ -60,7 +62,7 @@ _GOOGLENET_UNITS = {'b1_0': ('branch1x1', 0), 'b2_0': ('branch3x3', 0), 'b2_1': 
                     'b4_1': ('branch_pool', 1)}
 
 
-class OfficialFormatError(ValueError):
+class OfficialFormatError(errors.UserError, ValueError):
   """A checkpoint that cannot be read or mapped; the message names the key, global or file at fault."""
 
 
@@ -867,28 +869,41 @@ def init_leader_from(state: Any, source: str, model: str, num_classes: int, num_
 # Project checkpoints and exports -> official format.
 
 
-def export_official_from_workdir(config: Any, workdir: str, out_path: str | None = None,
+def export_official_from_workdir(config_or_setup: Any, workdir: str, out_path: str | None = None,
                                  checkpoint: str = 'best') -> list[str]:
   """`--mode export --format=pytorch`: the deployed network of a checkpoint (FFSD's leader with its trans-fusion head)
   in the official format.
 
   Writes `<out_path>.pth` and `<out_path>.safetensors` (default `workdir/export/modelleader_best`, the official file
   name); `epoch` is the number of completed epochs of the checkpoint's step, `num_batches_tracked` its step.
+
+  Args:
+    config_or_setup: the run's config, or its `run_setup.build(config)`.
+    workdir: the training run's folder.
+    out_path: the files' path without extension.
+    checkpoint: 'best' or 'latest'.
+
+  Returns:
+    The paths written (empty on processes other than 0).
   """
-  from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top  (the training stack, only here)
-  state, step, _, _, info = train_loop.restore_for_inference(config, workdir, checkpoint)
+  from ffsd_jax import inference  # pylint: disable=g-import-not-at-top  (the training stack, only here)
+  restored = inference.restore_for_inference(config_or_setup, workdir, checkpoint)
+  setup, state = restored.setup, restored.state
   local = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
   # The deployed network (the leader, or the method's own choice, e.g. student_0) is written as the official leader.
-  leader = local(train_loop.deployed_variables(state, config))
+  leader = local(inference.deployed_variables(setup, state))
   trans = None
-  if train_loop.deployed_network(config) == 'leader' and 'trans_fusion' in state.params:
+  if setup.deployed_network == 'leader' and 'trans_fusion' in state.params:
     trans = local({'params': state.params['trans_fusion'], 'batch_stats': state.batch_stats['trans_fusion']})
-  steps_per_epoch = max(info.num_train_examples // config.batch_size, 1)
   out_path = out_path or os.path.join(workdir, 'export', 'modelleader_best')
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   if jax.process_index() != 0:
     return []
-  return write_official(out_path, leader, config.model, trans, epoch=int(step) // steps_per_epoch, step=int(step))
+  written = write_official(out_path, leader, setup.config.model, trans,
+                           epoch=restored.step // setup.steps_per_epoch, step=restored.step)
+  logging.info('Wrote %s (%s, step %d) in the official format: %s.', setup.deployed_network, setup.config.model,
+               restored.step, ', '.join(written))
+  return written
 
 
 def export_official_from_export(export_dir: str, out_path: str) -> list[str]:

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ffsd_jax import errors
 
-class NonFiniteStateError(FloatingPointError):
+
+class NonFiniteStateError(errors.UserError, FloatingPointError):
   """The train state holds NaN or inf values."""
 
 

@@ -60,15 +60,22 @@ class TrainState(flax.struct.PyTreeNode):
     return self.replace(step=self.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
 
 
-def _compute_dtype(name: str):
-  if name not in ('float32', 'bfloat16'):
-    raise ValueError(f"Unknown compute_dtype {name!r}; valid choices: ['float32', 'bfloat16'].")
-  return jnp.dtype(name)
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
-def create_model(config: ml_collections.ConfigDict):
-  """The parent module of every network of `config.method` (`Method.build_model`) in `config.compute_dtype`."""
-  return methods.get_method(config).build_model(_compute_dtype(config.compute_dtype))
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """The activations' dtype, `config.compute_dtype` (parameters and loss math stay float32)."""
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'Unknown compute_dtype {config.compute_dtype!r}; valid choices: {list(COMPUTE_DTYPES)}.')
+  return jnp.dtype(config.compute_dtype)
+
+
+def create_model(config: ml_collections.ConfigDict, method: methods.Method | None = None):
+  """The parent module of every network of `config.method` (`Method.build_model`) in `config.compute_dtype`.
+
+  `method`: the run's method object (built from `config` when not given).
+  """
+  return (method or methods.get_method(config)).build_model(compute_dtype(config))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,10 +167,10 @@ def param_labels(method: methods.Method, params: Any) -> dict[str, Any]:
   return {key: jax.tree.map(lambda _, g=method.param_group(key): g, subtree) for key, subtree in params.items()}
 
 
-def create_optimizer(config: ml_collections.ConfigDict, params: Any,
-                     steps_per_epoch: int) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epoch: int,
+                     method: methods.Method | None = None) -> optax.GradientTransformation:
   """One optimizer per loss group present in `params` (`Method.group_optimizer`), combined with `multi_transform`."""
-  method = methods.get_method(config)
+  method = method or methods.get_method(config)
   schedules = learning_rate_schedules(config, steps_per_epoch)
   transforms = {}
   for group in sorted({method.param_group(key) for key in params}):
@@ -175,25 +182,27 @@ def create_optimizer(config: ml_collections.ConfigDict, params: Any,
   return optax.multi_transform(transforms, lambda tree: param_labels(method, tree))
 
 
-def group_schedules(config: ml_collections.ConfigDict, params: Any) -> tuple[str, ...]:
+def group_schedules(config: ml_collections.ConfigDict, params: Any,
+                    method: methods.Method | None = None) -> tuple[str, ...]:
   """The learning-rate schedules ('networks', 'decoders') that the loss groups of `params` use, sorted."""
-  method = methods.get_method(config)
+  method = method or methods.get_method(config)
   return tuple(sorted({method.group_optimizer(method.param_group(key)).schedule for key in params}))
 
 
 def init_variables(config: ml_collections.ConfigDict, model: Any, rng: jax.Array) -> dict[str, Any]:
   """Initialises every network on a dummy batch of `config.image_size` (train mode, so the decoders are built)."""
-  images = jnp.zeros((2, config.image_size, config.image_size, 3), _compute_dtype(config.compute_dtype))
+  images = jnp.zeros((2, config.image_size, config.image_size, 3), compute_dtype(config))
   variables = model.init({'params': rng}, images, train=True)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.Array,
-                       steps_per_epoch: int) -> TrainState:
+def create_train_state(config: ml_collections.ConfigDict, model: Any, rng: jax.Array, steps_per_epoch: int,
+                       method: methods.Method | None = None) -> TrainState:
   """A fresh `TrainState`; pure, so it can run under `jax.jit(..., out_shardings=...)` and `jax.eval_shape`."""
+  method = method or methods.get_method(config)
   variables = init_variables(config, model, rng)
-  tx = create_optimizer(config, variables['params'], steps_per_epoch)
-  extra_state = methods.get_method(config).init_extra_state(variables['params'], variables['batch_stats'])
+  tx = create_optimizer(config, variables['params'], steps_per_epoch, method)
+  extra_state = method.init_extra_state(variables['params'], variables['batch_stats'])
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'], batch_stats=variables['batch_stats'],
                     opt_state=tx.init(variables['params']), extra_state=extra_state, tx=tx)
 

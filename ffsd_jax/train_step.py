@@ -20,18 +20,16 @@ import ml_collections
 import numpy as np
 import optax
 
+from ffsd_jax import errors
 from ffsd_jax import methods
 from ffsd_jax import sharding
+from ffsd_jax import state_guard
 from ffsd_jax.models import create_backbone
 from ffsd_jax.data.normalization import normalize_images
-from ffsd_jax.train_state import TrainState, current_learning_rates, group_schedules
+from ffsd_jax.train_state import TrainState, compute_dtype, current_learning_rates, group_schedules
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-
-def _compute_dtype(config: ml_collections.ConfigDict):
-  return jnp.dtype(config.compute_dtype)
 
 
 def _top1_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -54,7 +52,7 @@ def _group_norms(method: methods.Method, tree: Mapping[str, Any]) -> dict[str, j
 
 
 def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epoch: int,
-                    mean_std: tuple[tuple[float, ...], tuple[float, ...]]
+                    mean_std: tuple[tuple[float, ...], tuple[float, ...]], method: methods.Method | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the pure training step for `config.method`.
 
@@ -63,14 +61,15 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     config: the experiment config (method and its hyper-parameters, compute_dtype, schedules).
     steps_per_epoch: optimizer steps per epoch (sets the λ warm-up epochs and the lr boundaries).
     mean_std: the dataset's normalisation constants.
+    method: the run's method object (built from `config` when not given).
 
   Returns:
     `train_step(state, batch) -> (state, metrics)`, un-jitted. `batch` = {'image': uint8 NHWC, 'label': int32};
     metrics is a flat dict of float32 scalars (every loss term, per-group losses, training top-1 per network,
     lambda_scale, learning rates, gradient norms and 'nonfinite').
   """
-  method = methods.get_method(config)
-  dtype = _compute_dtype(config)
+  method = method or methods.get_method(config)
+  dtype = compute_dtype(config)
   learning_rates = current_learning_rates(config, steps_per_epoch)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
@@ -91,7 +90,8 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     for name, z in logits.items():
       metrics[f'accuracy/{name}'] = jnp.mean(_top1_correct(z, labels).astype(jnp.float32))
     lrs = learning_rates(state.step)
-    metrics.update({f'learning_rate/{name}': lrs[f'learning_rate/{name}'] for name in group_schedules(config, grads)})
+    metrics.update({f'learning_rate/{name}': lrs[f'learning_rate/{name}']
+                    for name in group_schedules(config, grads, method)})
     grad_norms = _group_norms(method, grads)
     for group, norm in grad_norms.items():
       metrics[f'grad_norm/{group}'] = norm
@@ -140,7 +140,7 @@ def _mask(batch: Batch) -> jax.Array:
 
 
 def make_eval_step(model: Any, config: ml_collections.ConfigDict,
-                   mean_std: tuple[tuple[float, ...], tuple[float, ...]]
+                   mean_std: tuple[tuple[float, ...], tuple[float, ...]], method: methods.Method | None = None
                    ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
   """Builds `eval_step(state, batch) -> sums` over the masked batch (int32).
 
@@ -148,8 +148,8 @@ def make_eval_step(model: Any, config: ml_collections.ConfigDict,
   every network the method evaluates (`Method.eval_logits`; for FFSD: student_i, leader, fusion on the students'
   eval-mode features, and ensemble, the mean of the students' logits).
   """
-  method = methods.get_method(config)
-  dtype = _compute_dtype(config)
+  method = method or methods.get_method(config)
+  dtype = compute_dtype(config)
 
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     images = normalize_images(batch['image'], mean_std, dtype)
@@ -166,8 +166,8 @@ def make_leader_eval_step(config: ml_collections.ConfigDict, mean_std: tuple[tup
   `leader_variables` = `Method.deployed_variables(...)`, one complete backbone's {'params', 'batch_stats'}. Keys:
   'count', 'correct/leader', 'correct_top5/leader', 'cross_entropy/leader'.
   """
-  backbone = create_backbone(config.model, config.num_classes, _compute_dtype(config))
-  dtype = _compute_dtype(config)
+  backbone = create_backbone(config.model, config.num_classes, compute_dtype(config))
+  dtype = compute_dtype(config)
 
   def leader_eval_step(leader_variables: Mapping[str, Any], batch: Batch) -> dict[str, jax.Array]:
     images = normalize_images(batch['image'], mean_std, dtype)
@@ -182,38 +182,39 @@ def make_leader_eval_step(config: ml_collections.ConfigDict, mean_std: tuple[tup
 
 
 def validate_batch(batch: Mapping[str, Any], *, num_classes: int, batch_size: int) -> None:
-  """Host-side NumPy checks of one (per-process) batch; raises ValueError naming the problem and the fix."""
+  """Host-side NumPy checks of one (per-process) batch; raises errors.DataError (a ValueError) naming the problem
+  and the fix."""
   for key in ('image', 'label'):
     if key not in batch:
-      raise ValueError(f"The batch has no {key!r} entry (keys: {sorted(batch)}); a batch is {{'image': uint8 "
+      raise errors.DataError(f"The batch has no {key!r} entry (keys: {sorted(batch)}); a batch is {{'image': uint8 "
                        "(B, H, W, 3), 'label': int32 (B,)}.")
   images, labels = np.asarray(batch['image']), np.asarray(batch['label'])
   if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"batch['image'] must be NHWC RGB (B, H, W, 3); got shape {images.shape}.")
+    raise errors.DataError(f"batch['image'] must be NHWC RGB (B, H, W, 3); got shape {images.shape}.")
   if images.shape[0] != batch_size:
-    raise ValueError(f"batch['image'] holds {images.shape[0]} examples but the step expects {batch_size} (the "
+    raise errors.DataError(f"batch['image'] holds {images.shape[0]} examples but the step expects {batch_size} (the "
                      'per-process batch size); the data pipeline must drop or pad partial batches.')
   if images.dtype != np.uint8:
-    raise ValueError(f"batch['image'] must be uint8 pixels (normalisation happens on the device); got {images.dtype}.")
+    raise errors.DataError(f"batch['image'] must be uint8 pixels (normalisation happens on the device); got {images.dtype}.")
   if labels.shape != (batch_size,):
-    raise ValueError(f"batch['label'] must have shape ({batch_size},); got {labels.shape}.")
+    raise errors.DataError(f"batch['label'] must have shape ({batch_size},); got {labels.shape}.")
   if labels.dtype != np.int32:
-    raise ValueError(f"batch['label'] must be int32; got {labels.dtype}. Cast it with .astype(np.int32).")
+    raise errors.DataError(f"batch['label'] must be int32; got {labels.dtype}. Cast it with .astype(np.int32).")
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     bad = labels[(labels < 0) | (labels >= num_classes)]
-    raise ValueError(f'Labels must lie in [0, {num_classes}) (config.num_classes={num_classes}); got '
+    raise errors.DataError(f'Labels must lie in [0, {num_classes}) (config.num_classes={num_classes}); got '
                      f'{bad[:5].tolist()}{"..." if bad.size > 5 else ""}. Check config.num_classes and the dataset.')
   if 'mask' in batch and np.asarray(batch['mask']).shape != (batch_size,):
-    raise ValueError(f"batch['mask'] must have shape ({batch_size},); got {np.asarray(batch['mask']).shape}.")
+    raise errors.DataError(f"batch['mask'] must have shape ({batch_size},); got {np.asarray(batch['mask']).shape}.")
 
 
 def check_finite(metrics: Mapping[str, Any]) -> None:
-  """Raises FloatingPointError naming every non-finite metric (host side; the training loop calls it)."""
+  """Raises NonFiniteStateError (a FloatingPointError) naming every non-finite metric (host side; the training loop calls it)."""
   values = {name: float(np.asarray(value)) for name, value in jax.device_get(dict(metrics)).items()}
   bad = {name: value for name, value in values.items() if not np.isfinite(value)}
   flagged = values.get('nonfinite', 0.0)
   if bad or flagged > 0:
     names = ', '.join(f'{name}={value}' for name, value in sorted(bad.items())) or 'only the nonfinite flag is set'
-    raise FloatingPointError(
+    raise state_guard.NonFiniteStateError(
         f'Training produced non-finite values: {names}. Stopping before the state is saved; lower the learning rate '
         '(or λ), check the input data, or use compute_dtype="float32", then resume from the last checkpoint.')

@@ -27,12 +27,14 @@ from typing import Any
 
 from absl import logging
 
+from ffsd_jax import errors
+
 LOCK_FILE = 'ffsd.lock'
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.UserError, RuntimeError):
   """Another live run holds the workdir."""
 
 

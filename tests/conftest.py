@@ -29,6 +29,22 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def report_lines(stderr: str) -> list[str]:
+  """stderr less absl's log records and the lines they continue on (the parameter table): what a user reads as the
+  error report of main.py or a script."""
+  lines, in_record = [], False
+  for line in stderr.splitlines():
+    if line[:1] in 'IWEF' and line[1:5].isdigit():
+      in_record = True
+      continue
+    if in_record and line.startswith('  '):
+      continue
+    in_record = False
+    if line.strip():
+      lines.append(line)
+  return lines
+
+
 def load_script(name: str):
   """Imports `scripts/<name>.py` as a module (the scripts are not a package)."""
   import importlib  # pylint: disable=g-import-not-at-top

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from ffsd_jax import checkpointing
+from ffsd_jax import evaluation
 from ffsd_jax import export
 from ffsd_jax import train_loop
 from test_sharding import REPO_ROOT, fast_compilation, tiny_config  # pylint: disable=unused-import
@@ -94,7 +95,7 @@ def test_flipped_array_bytes_fail_every_restore_naming_the_file(trained, tmp_pat
   with pytest.raises(checkpointing.CheckpointError, match=expected):
     train_loop.train_and_evaluate(tiny_config(max_steps=TOTAL_STEPS + 2), str(workdir))
   with pytest.raises(checkpointing.CheckpointError, match=expected):
-    train_loop.evaluate(tiny_config(), str(workdir), checkpoint=checkpoint)
+    evaluation.evaluate(tiny_config(), str(workdir), checkpoint=checkpoint)
   with pytest.raises(checkpointing.CheckpointError, match=expected):
     export.export_leader(tiny_config(), str(workdir), checkpoint=checkpoint)
   assert _tree_hashes(workdir) == before
@@ -105,7 +106,7 @@ def test_corrupt_index_fails_naming_the_file(trained, tmp_path):
   step_dir = workdir / checkpointing.LATEST_DIR / str(TOTAL_STEPS)
   _flip_bytes(step_dir / 'state' / 'manifest.ocdbt', count=8)
   with pytest.raises(checkpointing.CheckpointError, match=re.escape('state/manifest.ocdbt does not match its sha256')):
-    train_loop.evaluate(tiny_config(), str(workdir), checkpoint='latest')
+    evaluation.evaluate(tiny_config(), str(workdir), checkpoint='latest')
 
 
 def test_manifest_reports_missing_extra_and_truncated_files(trained, tmp_path):
@@ -139,12 +140,12 @@ def test_step_without_manifest_restores_with_a_warning(trained, tmp_path, caplog
   """An older version's step, or one whose run was killed between the commit and the manifest (which may leave the
   manifest's temporary file), restores unverified after one warning line."""
   workdir = _copy(trained, tmp_path)
-  verified = train_loop.evaluate(tiny_config(), str(workdir), checkpoint='latest')
+  verified = evaluation.evaluate(tiny_config(), str(workdir), checkpoint='latest')
   step_dir = workdir / checkpointing.LATEST_DIR / str(TOTAL_STEPS)
   (step_dir / checkpointing.MANIFEST_FILE).rename(step_dir / f'{checkpointing.MANIFEST_FILE}.tmp1234')
   before = _tree_hashes(workdir)
   with caplog.at_level(logging.WARNING):
-    assert train_loop.evaluate(tiny_config(), str(workdir), checkpoint='latest') == verified
+    assert evaluation.evaluate(tiny_config(), str(workdir), checkpoint='latest') == verified
   warnings = [r.getMessage() for r in caplog.records if 'has no ffsd_manifest.json' in r.getMessage()]
   assert warnings == [f'The checkpoint {step_dir} has no ffsd_manifest.json (written by an older version, or the run '
                       'stopped between its commit and the manifest): restoring it without verifying its files.']

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from ffsd_jax import evaluation
 from ffsd_jax import export
+from ffsd_jax import inference
 from ffsd_jax import methods
 from ffsd_jax import metric_writers
 from ffsd_jax import objective
@@ -386,11 +388,11 @@ def test_newcomer_eval_and_export_run_the_deployed_network(newcomer_run, tmp_pat
   config = _run_config(method)
   deployed = methods.method_class(method).deployed_network
   last = [r for r in metric_writers.read_metrics(str(workdir)) if f'eval/top1/{deployed}' in r][-1]
-  assert train_loop.evaluate(config, str(workdir), checkpoint='latest')['top1'] == last[f'eval/top1/{deployed}']
+  assert evaluation.evaluate(config, str(workdir), checkpoint='latest')['top1'] == last[f'eval/top1/{deployed}']
 
   export_dir = export.export_leader(config, str(workdir), str(tmp_path / 'export'), checkpoint='latest')
   images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-  state = train_loop.restore_for_inference(config, str(workdir), 'latest')[0]
+  state = inference.restore_for_inference(config, str(workdir), 'latest')[0]
   model = train_state_lib.create_model(config)
   normalized = normalize_images(images, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
   expected = methods.get_method(config).eval_logits(model, state.params, state.batch_stats, state.extra_state,
@@ -410,8 +412,8 @@ def test_newcomer_resume_is_exact(newcomer_run, tmp_path, monkeypatch):
   timing = metric_writers.TIMING_KEYS
   assert ([{k: v for k, v in r.items() if k not in timing} for r in metric_writers.read_metrics(str(workdir))] ==
           [{k: v for k, v in r.items() if k not in timing} for r in metric_writers.read_metrics(str(straight_dir))])
-  resumed = train_loop.restore_for_inference(_run_config(method), str(workdir), 'latest')[0]
-  straight = train_loop.restore_for_inference(_run_config(method), str(straight_dir), 'latest')[0]
+  resumed = inference.restore_for_inference(_run_config(method), str(workdir), 'latest')[0]
+  straight = inference.restore_for_inference(_run_config(method), str(straight_dir), 'latest')[0]
   assert bool(jax.tree.leaves(straight.extra_state)) == (method == 'pcl')
   for a, b in zip(jax.tree.leaves((resumed.params, resumed.extra_state, resumed.opt_state)),
                   jax.tree.leaves((straight.params, straight.extra_state, straight.opt_state))):

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from ffsd_jax import evaluation
 from ffsd_jax import export
 from ffsd_jax import models
 from ffsd_jax import official
@@ -241,15 +242,18 @@ def test_script_round_trip(tmp_path):
 def test_export_official_from_workdir(tmp_path, monkeypatch):
   """`--mode export --format=pytorch`: the checkpoint's leader and head, its epoch and step (restore faked here)."""
   import types  # pylint: disable=g-import-not-at-top
-  from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top
+  from ffsd_jax import inference, methods  # pylint: disable=g-import-not-at-top
   leader, head = leader_and_head('resnet56', seed=5)
   on_device = lambda tree: jax.tree.map(jax.numpy.asarray, tree)
   state = types.SimpleNamespace(params=on_device({'leader': leader['params'], 'trans_fusion': head['params']}),
                                 batch_stats=on_device({'leader': leader['batch_stats'],
                                                        'trans_fusion': head['batch_stats']}), extra_state={})
-  info = types.SimpleNamespace(num_train_examples=50_000)
-  restored = lambda config, workdir, checkpoint: (state, 3 * 390 + 17, f'{workdir}/checkpoints_best/1187', None, info)
-  monkeypatch.setattr(train_loop, 'restore_for_inference', restored)
+  config = _config('resnet56')
+  setup = types.SimpleNamespace(config=config, method=methods.get_method(config), deployed_network='leader',
+                                steps_per_epoch=50_000 // 128)
+  restored = lambda config, workdir, checkpoint: inference.RestoredRun(
+      state, 3 * 390 + 17, f'{workdir}/checkpoints_best/1187', setup)
+  monkeypatch.setattr(inference, 'restore_for_inference', restored)
   written = official.export_official_from_workdir(_config('resnet56'), str(tmp_path))
   assert written == [str(tmp_path / 'export' / 'modelleader_best.safetensors'),
                      str(tmp_path / 'export' / 'modelleader_best.pth')]
@@ -652,12 +656,12 @@ def test_eval_of_an_export_equals_eval_of_its_checkpoint(tiny_run, tmp_path):
   from test_sharding import tiny_config  # pylint: disable=g-import-not-at-top
   workdir, _ = tiny_run
   config = tiny_config()
-  native = train_loop.evaluate(config, str(workdir), checkpoint='latest')
+  native = evaluation.evaluate(config, str(workdir), checkpoint='latest')
   export_dir = export.export_leader(config, str(workdir), str(tmp_path / 'export'), checkpoint='latest')
   (tmp_path / 'eval').mkdir()
-  from_export = train_loop.evaluate(config, str(tmp_path / 'eval'), export_dir=export_dir)
+  from_export = evaluation.evaluate(config, str(tmp_path / 'eval'), export_dir=export_dir)
   for key in ('top1', 'top5', 'loss', 'num_examples', 'step'):
     assert from_export[key] == native[key], key
   assert from_export['checkpoint'] == export_dir
   with pytest.raises(export.ExportError, match='holds a resnet8_tiny for 10 classes'):
-    train_loop.evaluate(tiny_config(num_classes=12), str(tmp_path / 'eval'), export_dir=export_dir)
+    evaluation.evaluate(tiny_config(num_classes=12), str(tmp_path / 'eval'), export_dir=export_dir)

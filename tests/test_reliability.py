@@ -26,7 +26,11 @@ import pytest
 
 from ffsd_jax import checkpointing
 from ffsd_jax import config_checks
+from ffsd_jax import errors
+from ffsd_jax import evaluation
+from ffsd_jax import inference
 from ffsd_jax import metric_writers
+from ffsd_jax import run_setup
 from ffsd_jax import state_guard
 from ffsd_jax import train_loop
 from ffsd_jax import workdir_lock
@@ -52,7 +56,7 @@ def _comparable(records):
 
 
 def _state_leaves(config, workdir) -> list[np.ndarray]:
-  state = train_loop.restore_for_inference(config, str(workdir), 'latest')[0]
+  state = inference.restore_for_inference(config, str(workdir), 'latest')[0]
   return [np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))]
 
 
@@ -118,7 +122,7 @@ def test_diverging_run_saves_no_nonfinite_state(tmp_path):
   assert f'the last good checkpoint is {workdir / "checkpoints" / "6"} (step 6)' in result.stderr
   assert sorted(os.listdir(workdir / 'checkpoints'), key=int) == ['3', '6']
   smoke = _load_smoke_config(learning_rate=30.0, checkpoint_every_steps=3)
-  abstract_state = train_loop._setup(smoke)[-1]  # pylint: disable=protected-access
+  abstract_state = run_setup.build(smoke).abstract_state
   manager = checkpointing.create_manager(str(workdir), read_only=True)
   for step in (3, 6):
     state = checkpointing.restore_state_only(manager, step, abstract_state, smoke)
@@ -137,7 +141,8 @@ def test_restoring_a_nonfinite_checkpoint_is_refused(straight_run, tmp_path):
   """A checkpoint written without the guard (an older version) holding inf is refused on resume and in eval."""
   config = run_config()
   workdir = tmp_path / 'poisoned'
-  mesh, _, _, _, _, abstract_state = train_loop._setup(config)  # pylint: disable=protected-access
+  setup = run_setup.build(config)
+  mesh, abstract_state = setup.mesh, setup.abstract_state
   manager = checkpointing.create_manager(str(straight_run), read_only=True)
   state, iterator_state, loop_state = checkpointing.restore(manager, TOTAL_STEPS, abstract_state, config)
   manager.close()
@@ -153,7 +158,7 @@ def test_restoring_a_nonfinite_checkpoint_is_refused(straight_run, tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match=r'holds NaN or inf values in params/leader/.*left untouched'):
     train_loop.train_and_evaluate(tiny_config(max_steps=TOTAL_STEPS + 2), str(workdir))
   with pytest.raises(checkpointing.CheckpointError, match='holds NaN or inf values'):
-    train_loop.evaluate(config, str(workdir), checkpoint='latest')
+    evaluation.evaluate(config, str(workdir), checkpoint='latest')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,9 +348,9 @@ def test_eval_result_is_shown_even_when_the_workdir_is_read_only(straight_run, m
   def refuse(path, value):
     raise PermissionError(13, 'Read-only file system', path)
 
-  monkeypatch.setattr(train_loop, 'write_json_atomically', refuse)
+  monkeypatch.setattr(evaluation, 'write_json_atomically', refuse)
   with caplog.at_level('INFO'):
-    result = train_loop.evaluate(run_config(), str(straight_run), checkpoint='latest')
+    result = evaluation.evaluate(run_config(), str(straight_run), checkpoint='latest')
   messages = [r.getMessage() for r in caplog.records]
   assert any(f'top-1 {result["top1"]:.2f}%' in m for m in messages), messages
   assert any('Could not write' in m and 'Read-only file system' in m for m in messages), messages
@@ -397,7 +402,7 @@ def test_corrupt_image_is_reported_before_training_and_skipped_with_the_option(t
   corrupt = root / 'train' / 'b' / 'broken.png'
   corrupt.write_bytes(rng.integers(0, 256, 500, dtype=np.uint8).tobytes())
   workdir = tmp_path / 'run'
-  with pytest.raises(ValueError, match=re.escape(str(corrupt))):
+  with pytest.raises(errors.DataError, match=f'{re.escape(str(root))}.*train/b/broken.png'):
     train_loop.train_and_evaluate(_folder_config(root), str(workdir))
   assert not workdir.exists()
   summary = train_loop.train_and_evaluate(_folder_config(root, skip_bad_images=True), str(workdir))

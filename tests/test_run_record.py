@@ -182,6 +182,13 @@ def test_main_drops_orbax_read_only_warnings_only():
   assert not quiet.filter(record(std_logging.INFO, 'Saving checkpoint'))
   assert quiet.filter(record(std_logging.WARNING, 'Something else went wrong'))
   assert quiet.filter(record(std_logging.INFO, 'Given directory is read only', path='/repo/ffsd_jax/train_loop.py'))
+  # A failed background save: the loop reports it in one line; --verbosity=1 keeps Orbax's own reports.
+  save_failed = record(std_logging.ERROR, 'Failed to run 6 Handler Commit operations')
+  abandoned = record(std_logging.ERROR, 'Future exception was never retrieved', path='/lib/asyncio/base_events.py')
+  assert not quiet.filter(save_failed) and not quiet.filter(abandoned)
+  verbose = run_record.QuietOrbaxFilter(verbose=True)
+  assert verbose.filter(save_failed) and verbose.filter(abandoned)
+  assert quiet.filter(record(std_logging.ERROR, 'Something else failed', path='/repo/ffsd_jax/train_loop.py'))
 
 
 def test_smoke_run_console_is_short_and_truthful(tmp_path):
@@ -205,7 +212,8 @@ def test_smoke_run_console_is_short_and_truthful(tmp_path):
   progress = [line for line in lines if re.search(r'\] epoch \d/2 step \d+/32 \|', line)]
   assert [int(re.search(r'step (\d+)/32', line).group(1)) for line in progress] == list(range(4, 33, 4))
   for line in progress:
-    speed_and_eta = re.search(r'\| ([\d.]+) steps/s, ([\d.]+) images/s \| ETA (\d+):(\d\d):(\d\d)$', line)
+    speed_and_eta = re.search(r'\| ([\d.]+) steps/s, ([\d.]+) images/s, data wait \d+% \| ETA (\d+):(\d\d):(\d\d)$',
+                              line)
     assert speed_and_eta, line
     assert int(speed_and_eta.group(3)) == 0, line  # A 32-step run: never hours.
   assert sum(' eval after epoch ' in line for line in lines) == 2

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from ffsd_jax import inference
 from ffsd_jax import sharding
 from ffsd_jax import train_state as train_state_lib
 from ffsd_jax import train_step as train_step_lib
@@ -259,8 +260,8 @@ def test_two_processes_match_one_process(tmp_path):
     for key in a:
       if key not in metric_writers.TIMING_KEYS:
         np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-6, err_msg=key)
-  multi_state = train_loop.restore_for_inference(config, str(multi_dir), 'latest')[0]
-  single_state = train_loop.restore_for_inference(config, str(single_dir), 'latest')[0]
+  multi_state = inference.restore_for_inference(config, str(multi_dir), 'latest')[0]
+  single_state = inference.restore_for_inference(config, str(single_dir), 'latest')[0]
   assert int(multi_state.step) == 2
   for a, b in zip(jax.tree.leaves((multi_state.params, multi_state.batch_stats)),
                   jax.tree.leaves((single_state.params, single_state.batch_stats))):

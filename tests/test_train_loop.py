@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from ffsd_jax import checkpointing
+from ffsd_jax import evaluation
 from ffsd_jax import export
+from ffsd_jax import inference
 from ffsd_jax import metric_writers
 from ffsd_jax import train_loop
 from ffsd_jax import train_state as train_state_lib
@@ -107,8 +109,8 @@ def test_sigterm_then_resume_is_exact(straight_run, tmp_path, monkeypatch):
   assert summary['step'] == TOTAL_STEPS and not summary['preempted']
   assert _comparable(metric_writers.read_metrics(str(workdir))) == _comparable(
       metric_writers.read_metrics(str(straight_dir)))
-  resumed = train_loop.restore_for_inference(run_config(), str(workdir), 'latest')[0]
-  straight = train_loop.restore_for_inference(run_config(), str(straight_dir), 'latest')[0]
+  resumed = inference.restore_for_inference(run_config(), str(workdir), 'latest')[0]
+  straight = inference.restore_for_inference(run_config(), str(straight_dir), 'latest')[0]
   leaves_resumed = jax.tree.leaves((resumed.params, resumed.batch_stats, resumed.opt_state))
   leaves_straight = jax.tree.leaves((straight.params, straight.batch_stats, straight.opt_state))
   assert len(leaves_resumed) == len(leaves_straight)
@@ -119,13 +121,13 @@ def test_sigterm_then_resume_is_exact(straight_run, tmp_path, monkeypatch):
 def test_eval_mode_reproduces_logged_leader_top1(straight_run):
   workdir, _ = straight_run
   records = [r for r in metric_writers.read_metrics(str(workdir)) if 'eval/top1/leader' in r]
-  best = train_loop.evaluate(run_config(), str(workdir), checkpoint='best')
+  best = evaluation.evaluate(run_config(), str(workdir), checkpoint='best')
   assert best['top1'] == records[-1]['eval/best_top1/leader']
   assert best['num_examples'] == 40 and best['top5'] is not None
-  latest = train_loop.evaluate(run_config(), str(workdir), checkpoint='latest')
+  latest = evaluation.evaluate(run_config(), str(workdir), checkpoint='latest')
   assert latest['top1'] == records[-1]['eval/top1/leader'] and latest['step'] == TOTAL_STEPS
   assert latest['checkpoint'].endswith(os.path.join(checkpointing.LATEST_DIR, str(TOTAL_STEPS)))
-  assert (workdir / train_loop.EVAL_LEADER_FILE).exists()
+  assert (workdir / evaluation.EVAL_LEADER_FILE).exists()
 
 
 def test_exported_leader_gives_the_train_state_leader_logits(straight_run, tmp_path):
@@ -135,7 +137,7 @@ def test_exported_leader_gives_the_train_state_leader_logits(straight_run, tmp_p
   assert sorted(os.listdir(export_dir)) == sorted([export.METADATA_FILE, export.PARAMS_FILE, export.PORTABLE_FILE])
   leader_logits = export.load_leader(export_dir)
   images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-  state = train_loop.restore_for_inference(config, str(workdir), 'latest')[0]
+  state = inference.restore_for_inference(config, str(workdir), 'latest')[0]
   model = train_state_lib.create_model(config)
   expected = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                          normalize_images(images, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
@@ -188,7 +190,7 @@ def test_truncated_checkpoint_fails_and_is_untouched(straight_run, tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match='truncated'):
     train_loop.train_and_evaluate(tiny_config(max_steps=TOTAL_STEPS + 2), str(workdir))
   with pytest.raises(checkpointing.CheckpointError, match='truncated'):
-    train_loop.evaluate(tiny_config(), str(workdir), checkpoint='latest')
+    evaluation.evaluate(tiny_config(), str(workdir), checkpoint='latest')
   assert _tree_hashes(workdir) == before
 
 
