@@ -266,6 +266,7 @@ def create_manager(workdir: str, *, best: bool = False, max_to_keep: int = 2,
   the background; `wait_until_finished` (called before exit) blocks on them and on their manifests.
   """
   directory = os.path.join(os.path.abspath(workdir), BEST_DIR if best else LATEST_DIR)
+  _drop_closed_loop_reports()  # A failed save (a full disk) abandons writes too: their reports would bury the error.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=1 if best else max_to_keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=True,

@@ -263,7 +263,7 @@ def _one_line(text: str) -> str:
   return ' '.join(str(text).split())
 
 
-def _config_argument(argv: Sequence[str], name: str) -> str | None:
+def flag_value(argv: Sequence[str], name: str) -> str | None:
   """The value of --NAME in argv (the last one wins, as in absl), or None."""
   value = None
   for i, arg in enumerate(argv):
@@ -328,7 +328,7 @@ def _describe_flags_failure(argv: Sequence[str], name: str, error: BaseException
     argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
   except Exception:  # pylint: disable=broad-except
     pass  # A bad --flagfile: absl's own error (below) names it.
-  path = _config_argument(argv, name)
+  path = flag_value(argv, name)
   if path is not None:
     filename = path.split(':', 1)[0]
     if not filename or not os.path.exists(filename):
@@ -526,21 +526,26 @@ def read_config_changes(workdir: str) -> list[dict[str, Any]]:
 # The workdir's own config for --mode eval/export.
 
 
-def with_saved_config(argv: Sequence[str], saved_config_file: str, config_flag: str = 'config') -> list[str]:
-  """`argv` with `--config=<saved_config_file>:WORKDIR` added for `--mode eval/export` without `--config`.
-
-  `saved_config_file` is a config file whose `get_config(workdir)` reads WORKDIR/config.json (configs/saved.py), so
-  --config.KEY overrides still apply on top. Training keeps needing --config; so does a workdir without config.json.
-  """
-  argv = list(argv)
-  if _config_argument(argv, config_flag) is not None:
-    return argv
-  mode, workdir = _config_argument(argv, 'mode') or 'train', _config_argument(argv, 'workdir')
-  if mode == 'train' or not workdir:
-    _fail(f'--{config_flag} is required: the experiment config file, e.g. --{config_flag} configs/smoke.py.' +
-          ('' if mode == 'train' else ' (With --workdir, --mode eval/export read the config the run trained with.)'))
+def saved_config_flag(workdir: str, saved_config_file: str, config_flag: str = 'config') -> str:
+  """`--config=<saved_config_file>:WORKDIR`: the config the run in `workdir` trained with (its config.json, read by
+  configs/saved.py), so --config.KEY overrides still apply on top; one line and exit status 2 when it has none."""
   saved = os.path.join(workdir, 'config.json')
   if not os.path.isfile(saved):
     _fail(f'{saved} not found, so the config the run trained with is unknown: pass it with --{config_flag} '
           'configs/<name>.py (and the --config.KEY overrides the run used).')
-  return argv[:1] + [f'--{config_flag}={saved_config_file}:{workdir}'] + argv[1:]
+  return f'--{config_flag}={saved_config_file}:{workdir}'
+
+
+def with_saved_config(argv: Sequence[str], saved_config_file: str, config_flag: str = 'config') -> list[str]:
+  """main.py's `argv` with the workdir's own config (`saved_config_flag`) for `--mode eval/export` without --config.
+
+  Training keeps needing --config; so does a workdir without config.json.
+  """
+  argv = list(argv)
+  if flag_value(argv, config_flag) is not None:
+    return argv
+  mode, workdir = flag_value(argv, 'mode') or 'train', flag_value(argv, 'workdir')
+  if mode == 'train' or not workdir:
+    _fail(f'--{config_flag} is required: the experiment config file, e.g. --{config_flag} configs/smoke.py.' +
+          ('' if mode == 'train' else ' (With --workdir, --mode eval/export read the config the run trained with.)'))
+  return argv[:1] + [saved_config_flag(workdir, saved_config_file, config_flag)] + argv[1:]

@@ -128,6 +128,8 @@ def _writable_workdir(workdir: str) -> None:
   """Creates the workdir, or fails with one line when it cannot hold a run (a file, read-only, full)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.WorkdirError(f'--workdir {workdir} is a file, not a folder; choose another --workdir.')
+  if not _is_leader_process():
+    return  # Process 0 writes the workdir's files (a probe per process could collide on a shared file system).
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test{os.getpid()}')
@@ -258,7 +260,20 @@ def _start(setup: run_setup.RunSetup, workdir: str, stop_request: _StopRequest) 
       config, global_batch_size=config.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed)
   run = _Run(setup, workdir, stop_request, manager, best_manager, train_iter)
-  latest = manager.latest_step()
+  try:
+    _restore_or_initialise(run)
+  except BaseException:
+    manager.close()
+    best_manager.close()
+    raise
+  _write_run_record(run)
+  _compile(run)
+  return run
+
+
+def _restore_or_initialise(run: _Run) -> None:
+  """The latest checkpoint (or a fresh state), and the loop state that goes with it."""
+  latest = run.manager.latest_step()
   if latest is not None:
     _restore(run, latest)
   else:
@@ -268,15 +283,12 @@ def _start(setup: run_setup.RunSetup, workdir: str, stop_request: _StopRequest) 
   run.window_steps = int(loop.get('window_steps', 0))
   run.best_top1 = _top1_or_none(loop.get('best_leader_top1'))
   run.best_checkpoint_top1 = _top1_or_none(loop.get('best_checkpoint_top1', loop.get('best_leader_top1')))
-  run.best_checkpoint_step = best_manager.latest_step()
+  run.best_checkpoint_step = run.best_manager.latest_step()
   if run.best_checkpoint_step is None:
     run.best_checkpoint_top1 = None  # Nothing in checkpoints_best/ (moved away): the next evaluation saves one.
   run.last_eval = loop.get('last_eval', {})
-  if run.step >= setup.total_steps:
-    _log_already_finished(workdir, run.step)  # Its summary.json is missing or stale: rewritten at the end.
-  _write_run_record(run)
-  _compile(run)
-  return run
+  if run.step >= run.setup.total_steps:
+    _log_already_finished(run.workdir, run.step)  # Its summary.json is missing or stale: rewritten at the end.
 
 
 def _top1_or_none(value: Any) -> float | None:

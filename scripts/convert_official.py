@@ -4,7 +4,7 @@ Official -> ffsd_jax (writes the folder `--mode export` writes; `load_leader(DIR
   python scripts/convert_official.py --config configs/cifar100_resnet32.py --checkpoint modelleader_best.pth --out DIR
 
 ffsd_jax -> official (writes OUT.pth and OUT.safetensors, the official trainer's {'weight', 'epoch', 'cfg', 'index'}):
-  python scripts/convert_official.py --to_official --config configs/cifar100_resnet32.py --workdir runs/r32 --out OUT
+  python scripts/convert_official.py --to_official --workdir runs/r32 --out OUT   # the config runs/r32 trained with
   python scripts/convert_official.py --to_official --export DIR --out OUT   # backbone only: an export has no head
 
 Neither direction needs torch. Override config keys as for main.py (e.g. --config.num_classes=10). On success it prints
@@ -40,8 +40,17 @@ _EXPORT = flags.DEFINE_string('export', None, 'With --to_official: a project exp
 _WHICH = flags.DEFINE_enum('which', 'best', ['best', 'latest'], 'With --workdir: which checkpoint.')
 
 
+_SAVED_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'saved.py')
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flags; with a --config, main.py's checks of it. Every failure is one line on stderr and exit status 2."""
+  """absl's flags; with a --config, main.py's checks of it. Every failure is one line on stderr and exit status 2.
+
+  `--to_official --workdir W` without --config reads the config the run trained with (W/config.json).
+  """
+  workdir = config_checks.flag_value(argv, 'workdir')
+  if config_checks.flag_value(argv, 'config') is None and workdir and '--to_official' in argv:
+    argv = argv[:1] + [config_checks.saved_config_flag(workdir, _SAVED_CONFIG_FILE)] + argv[1:]
   if any(re.match(r'-{1,2}config([=.]|$)', arg) for arg in argv[1:]):
     return config_checks.parse_flags(argv)
   # No config (--to_official --export needs none): config_checks would refuse its absence, so absl parses alone.
@@ -62,13 +71,11 @@ def convert() -> str:
     out = official.convert_official_to_export(_CHECKPOINT.value, _CONFIG.value, _OUT.value)
     return f'Wrote the export {out} (from the official checkpoint {_CHECKPOINT.value}).'
   if bool(_WORKDIR.value) == bool(_EXPORT.value):
-    raise errors.UsageError('--to_official needs exactly one of --workdir (with --config) or --export.')
+    raise errors.UsageError('--to_official needs exactly one of --workdir or --export.')
   if _EXPORT.value:
     written = official.export_official_from_export(_EXPORT.value, _OUT.value)
     source = f'the export {_EXPORT.value}'
   else:
-    if _CONFIG.value is None:
-      raise errors.UsageError('--workdir needs --config.')
     written = official.export_official_from_workdir(_CONFIG.value, _WORKDIR.value, _OUT.value, _WHICH.value)
     source = f'the {_WHICH.value} checkpoint of {_WORKDIR.value}'
   return f'Wrote the official checkpoint {", ".join(written)} (from {source}).'

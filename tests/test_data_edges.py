@@ -6,7 +6,6 @@ Every failure is caused for real: missing folders, truncated JPEG bytes, empty c
 
 from __future__ import annotations
 
-import io
 import logging
 import pathlib
 import subprocess
@@ -20,6 +19,8 @@ from configs.default import get_config
 from ffsd_jax import data
 from ffsd_jax import errors
 from ffsd_jax.data import sources
+from test_data import _fake_prepared  # pylint: disable=g-bad-import-order
+from test_data_integrity import _write_image, _write_truncated_jpeg  # pylint: disable=g-bad-import-order
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXTENSIONS = '.png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, .webp, .ppm'
@@ -46,22 +47,6 @@ def _config(tmp_path, **overrides):
 def _folder_config(tmp_path, root, image_size=8, **overrides):
   overrides.setdefault('num_classes', 2)
   return _config(tmp_path, dataset='image_folder', image_folder=str(root), image_size=image_size, **overrides)
-
-
-def _write_image(path: pathlib.Path, rng, size: int, fmt: str | None = None) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Pixels from 1: never an all-zero image, which a reader returning zeros would match.
-  PIL.Image.fromarray(rng.integers(1, 256, (size, size, 3), dtype=np.uint8)).save(path, format=fmt)
-
-
-def _write_truncated_jpeg(path: pathlib.Path, rng, size: int) -> None:
-  """A real JPEG cut halfway through its pixel data: the header is whole, the pixels are not."""
-  buffer = io.BytesIO()
-  PIL.Image.fromarray(rng.integers(1, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format='JPEG')
-  encoded = buffer.getvalue()
-  start_of_scan = encoded.index(b'\xff\xda')
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(encoded[:(start_of_scan + len(encoded)) // 2])
 
 
 def _image_folder(root: pathlib.Path, size: int = 8, per_class: int = 2, classes=('a', 'b')) -> pathlib.Path:
@@ -333,12 +318,6 @@ def test_describe_synthetic(tmp_path):
       'Dataset synthetic (random pixels and labels from seed 4, for smoke runs and throughput only): 1,200 train / 300 '
       'test images, 10 classes, 32x32, train pipeline: reflect-pad 4 + crop 32 + flip, eval: the image as stored, '
       'normalisation mean (0.5071, 0.4865, 0.4409) std (0.2673, 0.2564, 0.2762), decoded-image cache: none')
-
-
-def _fake_prepared(data_dir, name, version):
-  folder = pathlib.Path(data_dir) / name / version
-  folder.mkdir(parents=True)
-  (folder / 'dataset_info.json').write_text('{}')
 
 
 def test_tfds_num_classes_zero_and_describe(tmp_path, monkeypatch):

@@ -36,9 +36,9 @@ def _folder_config(tmp_path, root, image_size, **overrides):
                  **overrides)
 
 
-def _write_image(path: pathlib.Path, rng, size: int) -> None:
+def _write_image(path: pathlib.Path, rng, size: int, fmt: str | None = None) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
-  PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+  PIL.Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, format=fmt)
 
 
 def _write_truncated_jpeg(path: pathlib.Path, rng, size: int) -> None:

@@ -652,7 +652,6 @@ def test_torch_load_reads_the_restricted_readers_input_identically(name):
 def test_eval_of_an_export_equals_eval_of_its_checkpoint(tiny_run, tmp_path):
   """`--mode eval --export_dir` (how a converted official leader is evaluated) gives exactly the checkpoint's top-1,
   top-5 and loss, and refuses an export of another architecture."""
-  from ffsd_jax import train_loop  # pylint: disable=g-import-not-at-top
   from test_sharding import tiny_config  # pylint: disable=g-import-not-at-top
   workdir, _ = tiny_run
   config = tiny_config()

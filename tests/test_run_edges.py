@@ -124,10 +124,13 @@ def test_full_disk_stops_at_the_next_log_point_in_one_line_and_resumes_exactly(s
     assert result.returncode == 1, result.stderr[-3000:]
     problem = report_lines(result.stderr)
     assert len(problem) == 1, result.stderr[-5000:]
-    assert problem[0] == (
-        f'CheckpointError: Saving a checkpoint in {workdir / "checkpoints"} failed (no space left on device; free '
-        f'some space or move the workdir). Training stopped at step {SMOKE_STEPS}. The last complete checkpoint is '
-        f'{workdir / "checkpoints" / "4"} (step 4); rerun the same command to resume from it.')
+    # The best checkpoint (after the step-8 evaluation) or the latest one (the step-8 save): whichever fails first.
+    assert re.fullmatch(
+        re.escape('CheckpointError: Saving a checkpoint in ') + f'({re.escape(str(workdir / "checkpoints"))}|'
+        f'{re.escape(str(workdir / "checkpoints_best"))})' + re.escape(
+            f' failed (no space left on device; free some space or move the workdir). Training stopped at step '
+            f'{SMOKE_STEPS}. The last complete checkpoint is {workdir / "checkpoints" / "4"} (step 4); rerun the '
+            'same command to resume from it.'), problem[0]), problem[0]
     assert 'Traceback' not in result.stderr and not re.search(r'^E\d{4} ', result.stderr, re.MULTILINE)
     assert subprocess.run(['mount', '-o', 'remount,size=40m', str(disk)]).returncode == 0
     resumed = _main([*SMOKE, '--workdir', str(workdir)])
@@ -221,6 +224,13 @@ def test_eval_and_export_read_the_workdirs_own_config(tmp_path):
                     '--config.eval_batch_size=32'])
   assert exported.returncode == 0, exported.stderr[-3000:]
   assert 'Exported student_0 (resnet8_tiny, method dml, step 4)' in exported.stderr
+  # The converter reads the same config: the tiny test network has no official counterpart, and says so.
+  converted = _main(['scripts/convert_official.py', '--to_official', '--workdir', str(workdir), '--out',
+                     str(tmp_path / 'official')])
+  assert converted.returncode == 1
+  assert report_lines(converted.stderr) == [
+      'OfficialFormatError: resnet8_tiny has no counterpart in the official FFSD code; the official architectures '
+      'are resnet20, resnet32, resnet56, wrn16_2, wrn40_2, densenet40, googlenet, resnet18, resnet34.']
   nowhere = _main(['main.py', '--workdir', str(tmp_path / 'empty'), '--mode', 'eval'])
   assert nowhere.returncode == 2
   assert report_lines(nowhere.stderr) == [

@@ -114,7 +114,8 @@ def test_resume_appends_run_info_uses_the_cache_and_reports_mfu(tiny_run, tmp_pa
   assert summary['step'] == TINY_STEPS + 2
   progress = [r.getMessage() for r in caplog.records if re.match(r'epoch \d/\d step \d/8 ', r.getMessage())]
   assert len(progress) == 2 and progress[0].endswith('| ? steps/s | ETA ?'), progress
-  assert re.search(r'\| [\d.]+ steps/s, [\d.]+ images/s, MFU [\d.]+% \| ETA 0:00:00$', progress[1]), progress
+  assert re.search(r'\| [\d.]+ steps/s, [\d.]+ images/s, data wait \d+%, MFU [\d.]+% \| ETA 0:00:00$', progress[1]), (
+      progress)
 
   first, second = run_record.read_run_info(str(workdir))
   assert (first['start_step'], second['start_step'], second['total_steps']) == (0, TINY_STEPS, TINY_STEPS + 2)
@@ -184,7 +185,8 @@ def test_main_drops_orbax_read_only_warnings_only():
   assert quiet.filter(record(std_logging.INFO, 'Given directory is read only', path='/repo/ffsd_jax/train_loop.py'))
   # A failed background save: the loop reports it in one line; --verbosity=1 keeps Orbax's own reports.
   save_failed = record(std_logging.ERROR, 'Failed to run 6 Handler Commit operations')
-  abandoned = record(std_logging.ERROR, 'Future exception was never retrieved', path='/lib/asyncio/base_events.py')
+  abandoned = record(std_logging.ERROR, '_GatheringFuture exception was never retrieved',
+                     path='/lib/asyncio/base_events.py')
   assert not quiet.filter(save_failed) and not quiet.filter(abandoned)
   verbose = run_record.QuietOrbaxFilter(verbose=True)
   assert verbose.filter(save_failed) and verbose.filter(abandoned)
