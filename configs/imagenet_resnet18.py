@@ -24,7 +24,6 @@ def get_config():
   # the decoders' Adam steps down at these epochs.
   config.lr_schedule = 'imagenet'
   config.lr_boundaries = (30, 60, 80)
-  config.num_data_workers = 8
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000
   return config

@@ -99,7 +99,7 @@ _NUM_CLASSES = {'cifar100': 100, 'cifar10': 10, 'imagenet2012': 1000}
 # Integer keys read with `config.get` (optional: None or absent means the code's default).
 _OPTIONAL_MIN_INTS = {
     'seed': (0, 'set --config.seed=0'),
-    'num_data_workers': (0, 'set --config.num_data_workers=0 (decode in the main process)'),
+    'num_data_workers': (-1, 'set --config.num_data_workers=-1 (the host\'s spare cores) or 0 (the main process)'),
     'synthetic_num_train_examples': (1, 'set --config.synthetic_num_train_examples=50000'),
     'synthetic_num_eval_examples': (1, 'set --config.synthetic_num_eval_examples=10000'),
 }

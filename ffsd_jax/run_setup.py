@@ -61,10 +61,15 @@ def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int) -> 
       'docs/reliability.md.')
 
 
-def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The distributed runtime and the data-parallel mesh, after checking that the batch splits over it."""
-  sharding.maybe_initialize_distributed(config)
-  mesh = sharding.create_mesh()
+def create_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> jax.sharding.Mesh:
+  """The distributed runtime and the data-parallel mesh, after checking that the batch splits over it.
+
+  `devices`: the mesh's devices (default: every device of the run; e.g. a compile-only target's, which needs no
+  distributed runtime).
+  """
+  if devices is None:
+    sharding.maybe_initialize_distributed(config)
+  mesh = sharding.create_mesh(devices)
   check_batch_divides(config, mesh.devices.size)
   return mesh
 
@@ -90,17 +95,19 @@ def resolve_config(config: ml_collections.ConfigDict, info: data_lib.DatasetInfo
   return ml_collections.ConfigDict(resolved.to_dict())
 
 
-def build(config: ml_collections.ConfigDict) -> RunSetup:
+def build(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> RunSetup:
   """Validates and resolves `config` and builds the mesh, dataset description, method, model and abstract state.
 
   Reads no workdir and writes nothing; compiles nothing but the (cheap) shape evaluation of the initialisation.
+  `devices`: the mesh's devices (default: every device of the run; scripts/aot_compile.py passes a compile-only
+  target's).
 
   Raises:
     errors.UserError: a bad config value, an indivisible batch, or a dataset that cannot be read as configured.
   """
   config_checks.validate_config(config)
   run_record.setup_compilation_cache(config.get('jax_cache_dir'))  # Before anything compiles.
-  mesh = create_mesh(config)
+  mesh = create_mesh(config, devices)
   info = data_lib.get_dataset_info(config)
   config = resolve_config(config, info, mesh.devices.size)
   steps_per_epoch = info.num_train_examples // config.batch_size

@@ -2,7 +2,8 @@
 
 1. Start (`_start`): restore the latest checkpoint or initialise, write the run record, compile the step.
 2. Steps (`_train`): one `jax.jit`-ed step (all students, the fusion module, the leader and the decoders) on a
-   data-parallel mesh with the train state replicated and donated. Metrics are summed on the device inside the step
+   data-parallel mesh with the train state replicated and donated (`ffsd_jax/program.py`), fed batches already on
+   the devices (`ffsd_jax/device_feed.py`, FEED_SIZE ahead). Metrics are summed on the device inside the step
    and fetched to the host only every `config.log_every_steps` steps, so the loop never waits on the device between.
 3. Evaluation (`_evaluate`): after every `eval_every_epochs` epochs, every network's test top-1; the best deployed
    network's state goes to `checkpoints_best/`.
@@ -28,7 +29,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,11 +36,13 @@ import orbax.checkpoint as ocp
 from ffsd_jax import checkpointing
 from ffsd_jax import config_checks
 from ffsd_jax import data as data_lib
+from ffsd_jax import device_feed
 from ffsd_jax import errors
 from ffsd_jax import evaluation
 from ffsd_jax import inference
 from ffsd_jax import metric_writers
 from ffsd_jax import official
+from ffsd_jax import program as program_lib
 from ffsd_jax import run_record
 from ffsd_jax import run_setup
 from ffsd_jax import sharding
@@ -49,6 +51,8 @@ from ffsd_jax import train_step as train_step_lib
 from ffsd_jax import workdir_lock
 
 SUMMARY_FILE = 'summary.json'
+# Batches placed on the devices ahead of the step (ffsd_jax/device_feed.py): one in use, one being copied.
+FEED_SIZE = 2
 # Where the best checkpoint goes when it cannot be read: moved aside (never deleted), so training can go on.
 UNREADABLE_BEST_DIR = 'checkpoints_best.unreadable'
 
@@ -232,10 +236,9 @@ class _Run:
   step: int = 0
   loop_state: dict[str, Any] = dataclasses.field(default_factory=dict)
   writer: metric_writers.MetricWriter | None = None
-  jitted_step: Any = None
-  eval_step: Any = None
+  program: program_lib.TrainingProgram | None = None
+  feed: device_feed.DeviceFeed | None = None  # The training batches on the devices, FEED_SIZE ahead.
   metric_sums: Any = None
-  metric_shapes: Any = None
   window_steps: int = 0
   best_top1: float | None = None  # The deployed network's best eval top-1 of the whole run.
   best_checkpoint_top1: float | None = None  # The top-1 of the state in checkpoints_best/ (None: none there).
@@ -374,52 +377,29 @@ def _write_run_record(run: _Run) -> None:
 
 
 def _compile(run: _Run) -> None:
-  """Jits the train step (with the on-device metric sums) and the eval step; compiles the train step now, saying so.
+  """Builds the training program (`program.build`) and compiles its train step now, saying so.
 
   Compiled here rather than at the first call (which reuses this executable), for XLA's cost analysis (the MFU).
   """
-  setup, config = run.setup, run.config
-  mesh = setup.mesh
-  replicated, batch_sharded = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
-  train_step = train_step_lib.make_train_step(setup.model, config, setup.steps_per_epoch, setup.info.mean_std,
-                                              setup.method)
-  abstract_batch = {
-      'image': jax.ShapeDtypeStruct((config.batch_size, setup.info.image_size, setup.info.image_size, 3), jnp.uint8,
-                                    sharding=batch_sharded),
-      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sharded)}
-  run.metric_shapes = jax.eval_shape(train_step, setup.abstract_state, abstract_batch)[1]
-
-  def step_and_accumulate(state, metric_sums, batch):
-    state, metrics = train_step(state, batch)
-    metric_sums = jax.tree.map(lambda s, m: s + m.astype(jnp.float32), metric_sums, metrics)
-    return state, metric_sums
-
-  compiler_options = sharding.step_compiler_options(mesh, config)
-  run.jitted_step = jax.jit(step_and_accumulate, in_shardings=(replicated, replicated, batch_sharded),
-                            out_shardings=(replicated, replicated), donate_argnums=(0, 1),
-                            compiler_options=compiler_options)
-  run.eval_step = jax.jit(train_step_lib.make_eval_step(setup.model, config, setup.info.mean_std, setup.method),
-                          in_shardings=(replicated, batch_sharded), out_shardings=replicated,
-                          compiler_options=compiler_options)
-  run.metric_sums = _metric_sums_from(run, run.loop_state.get('metric_sums'))
-  if run.step >= setup.total_steps:
+  run.program = program_lib.build(run.setup)
+  run.metric_sums = run.program.metric_sums(run.loop_state.get('metric_sums'))
+  local_batch_size = run.config.batch_size // jax.process_count()
+  run.feed = device_feed.DeviceFeed(
+      run.train_iter, run.program.global_batch, size=FEED_SIZE,
+      check=lambda batch: train_step_lib.validate_batch(batch, num_classes=run.setup.info.num_classes,
+                                                        batch_size=local_batch_size))
+  if run.step >= run.setup.total_steps:
     return
   start = time.time()
   if _is_leader_process():
-    logging.info('Compiling the training step (%s, %d networks' % (config.model, len(setup.abstract_state.params)) +
-                 '; a cached one loads in seconds, a new one takes up to minutes)...')
-  compiled = run.jitted_step.lower(run.state, run.metric_sums, abstract_batch).compile()
+    logging.info('Compiling the training step (%s, %d networks; a cached one loads in seconds, a new one takes up to '
+                 'minutes)...', run.config.model, len(run.setup.abstract_state.params))
+  compiled = run.program.lower(run.state).compile()
   run.step_flops = run_record.compiled_flops(compiled)
   if _is_leader_process():
     logging.info('Compiled the training step in %.1f s.', time.time() - start)
     if run.step_flops is not None:
       run_record.update_last_run_info(run.workdir, {'step_flops_per_device': run.step_flops})
-
-
-def _metric_sums_from(run: _Run, values: dict[str, float] | None) -> Any:
-  values = values or {}
-  return jax.device_put({k: np.float32(values.get(k, 0.0)) for k in run.metric_shapes},
-                        sharding.replicated_sharding(run.setup.mesh))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -446,18 +426,15 @@ def _train(run: _Run) -> None:
   tracked = setup.deployed_network
   run.writer.write_config(run.step, checkpointing.config_to_json(config),
                           metric_names=(f'eval/top1/{tracked}', f'eval/best_top1/{tracked}', 'loss/total'))
-  local_batch_size = config.batch_size // jax.process_count()
   now = time.time()
   clock = _Clock(now, run.step, now, run.step)
   first_step = run.step
   agreed_preemption = False
   while run.step < setup.total_steps:
     wait_start = time.time()
-    local_batch = next(run.train_iter)
+    batch = next(run.feed)
     clock.data_wait += time.time() - wait_start
-    train_step_lib.validate_batch(local_batch, num_classes=setup.info.num_classes, batch_size=local_batch_size)
-    run.state, run.metric_sums = run.jitted_step(run.state, run.metric_sums,
-                                                 sharding.make_global_batch(local_batch, setup.mesh))
+    run.state, run.metric_sums = run.program.train_step(run.state, run.metric_sums, batch)
     run.step += 1
     run.window_steps += 1
     if run.step == first_step + 1:
@@ -521,7 +498,7 @@ def _log_window(run: _Run, clock: _Clock) -> None:
     num_epochs = math.ceil(setup.total_steps / setup.steps_per_epoch)
     logging.info('epoch %d/%d step %d/%d | loss %.4f | %s | ETA %s', math.ceil(epoch), num_epochs, run.step,
                  setup.total_steps, averages.get('loss/total', float('nan')), _format_speed(speed), _format_eta(eta))
-  run.metric_sums = _metric_sums_from(run, None)
+  run.metric_sums = run.program.metric_sums()
   run.window_steps = 0
 
 
@@ -548,7 +525,7 @@ def _evaluate(run: _Run) -> None:
   if not run.last_eval and _is_leader_process():
     logging.info('First evaluation (compiling the eval step) on %d test images...', setup.info.num_eval_examples)
   with_top5 = setup.info.num_classes >= 1000 or run.config.get('eval_top5', False)
-  run.last_eval = evaluation.eval_results(evaluation.run_eval(run.eval_step, run.state, setup), with_top5)
+  run.last_eval = evaluation.eval_results(evaluation.run_eval(run.program.eval_step, run.state, setup), with_top5)
   top1 = run.last_eval[f'eval/top1/{tracked}']
   run.best_top1 = top1 if run.best_top1 is None else max(run.best_top1, top1)
   epoch = run.step / setup.steps_per_epoch
@@ -613,7 +590,7 @@ def _save(run: _Run, manager: ocp.CheckpointManager) -> None:
           'best_checkpoint_top1': run.best_checkpoint_top1, 'last_eval': run.last_eval}
   try:
     checkpointing.save(manager, run.step, run.state,
-                       iterator_states=checkpointing.gather_iterator_states(run.train_iter.get_state()),
+                       iterator_states=checkpointing.gather_iterator_states(run.feed.get_state()),
                        loop_state=loop, config=run.config)
   except (checkpointing.CheckpointError, state_guard.NonFiniteStateError):
     raise

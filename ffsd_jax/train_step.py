@@ -1,7 +1,7 @@
 """The functional training step and the evaluation steps (docs/method.md §7, §10).
 
-`make_train_step` returns a PURE, un-jitted `train_step(state, batch) -> (state, metrics)`; the training loop jits it
-with its shardings and buffer donation (`jit_train_step` is a single-device convenience). Everything method-specific
+`make_train_step` returns a PURE, un-jitted `train_step(state, batch) -> (state, metrics)`; `ffsd_jax/program.py` jits
+it as the loop runs it, with its shardings and buffer donation (`jit_train_step` is a single-device convenience). Everything method-specific
 comes from the method object (ffsd_jax/methods/): one train-mode call of its model runs every forward pass of an
 iteration (for FFSD, of the official code), its objective puts `stop_gradient` where the method detaches, and one
 `jax.value_and_grad` over the whole parameter tree gives each loss group its own gradient, which
@@ -22,7 +22,6 @@ import optax
 
 from ffsd_jax import errors
 from ffsd_jax import methods
-from ffsd_jax import sharding
 from ffsd_jax import state_guard
 from ffsd_jax.models import create_backbone
 from ffsd_jax.data.normalization import normalize_images
@@ -101,16 +100,6 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     return new_state, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
 
   return train_step
-
-
-def jit_sharded_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epoch: int,
-                           mean_std: tuple[tuple[float, ...], tuple[float, ...]], mesh: jax.sharding.Mesh):
-  """`make_train_step` jitted as the training loop runs it: state replicated and donated, batch sharded on 'data',
-  and the mesh's compiler options (`sharding.step_compiler_options`). For benchmarks and profiles."""
-  replicated = sharding.replicated_sharding(mesh)
-  return jax.jit(make_train_step(model, config, steps_per_epoch, mean_std),
-                 in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=(replicated, replicated),
-                 donate_argnums=(0,), compiler_options=sharding.step_compiler_options(mesh, config))
 
 
 def jit_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epoch: int,

@@ -38,13 +38,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ffsd_jax import config_checks  # pylint: disable=g-import-not-at-top
-from ffsd_jax import data as data_lib
 from ffsd_jax import errors
 from ffsd_jax import methods
+from ffsd_jax import program as program_lib
 from ffsd_jax import run_record
-from ffsd_jax import sharding as sharding_lib
-from ffsd_jax import train_state as train_state_lib
-from ffsd_jax import train_step as train_step_lib
+from ffsd_jax import run_setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _METHOD = flags.DEFINE_enum('method', None, list(methods.method_names()), 'Method (default: the config\'s).')
@@ -57,23 +55,20 @@ _RUNTIME_EVENT = re.compile(r'^(\$|end: )|Thunk|PjRt|Pjit|ParseArguments|Handle 
 
 
 def _compiled_step(config):
-  """The training loop's jitted step for `config` on synthetic data, compiled, with its state and one batch."""
+  """The training loop's program (`ffsd_jax.program`) for `config` on synthetic data, its train step compiled, with
+  its state, metric sums and one batch."""
   with config.unlocked():
     config.dataset = 'synthetic'
-  info = data_lib.get_dataset_info(config)
-  steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
-  mesh = sharding_lib.create_mesh()
-  model = train_state_lib.create_model(config)
-  state, _ = sharding_lib.create_sharded(
-      lambda: train_state_lib.create_train_state(config, model, jax.random.key(config.seed), steps_per_epoch), mesh)
-  step = train_step_lib.jit_sharded_train_step(model, config, steps_per_epoch, info.mean_std, mesh)
+  program = program_lib.build(run_setup.build(config))
+  state, sums = program.init_state(), program.metric_sums()
+  info = program.setup.info
   rng = np.random.default_rng(0)
   host_batch = {
       'image': rng.integers(0, 256, (config.batch_size, info.image_size, info.image_size, 3), dtype=np.uint8),
       'label': rng.integers(0, info.num_classes, (config.batch_size,), dtype=np.int32),
   }
-  batch = sharding_lib.make_global_batch(host_batch, mesh)
-  return step.lower(state, batch).compile(), state, batch
+  batch = program.global_batch(host_batch)
+  return program.lower(state).compile(), state, sums, batch
 
 
 def _operation_sources(hlo_text: str) -> dict[str, str]:
@@ -106,20 +101,20 @@ def profile(config) -> None:
     with config.unlocked():
       config.method = _METHOD.value
   start = time.perf_counter()
-  compiled, state, batch = _compiled_step(config)
+  compiled, state, sums, batch = _compiled_step(config)
   print(f'# jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; {config.model} '
         f'{config.method} {config.compute_dtype} batch {config.batch_size}; compiled in '
         f'{time.perf_counter() - start:.1f} s', flush=True)
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+  state, sums = compiled(state, sums, batch)
+  jax.block_until_ready(sums)
 
   trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix='ffsd_profile_')
   step_times = []
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(_STEPS.value):
       start = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
+      state, sums = compiled(state, sums, batch)
+      jax.block_until_ready(sums)
       step_times.append(time.perf_counter() - start)
   print(f'# step times: {", ".join(f"{t:.3f} s" for t in step_times)}; trace in {trace_dir}')
 

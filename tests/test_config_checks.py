@@ -85,7 +85,7 @@ BAD_VALUES = [
     ({'image_size': 64}, 'image_size'),  # resnet8_tiny is a CIFAR-layout network: 32x32 only.
     ({'eval_resize_size': 16}, 'eval_resize_size'),
     ({'num_classes': 1}, 'num_classes'),
-    ({'num_data_workers': -1}, 'num_data_workers'),
+    ({'num_data_workers': -2}, 'num_data_workers'),
     ({'max_steps': 0}, 'max_steps'),
     ({'max_steps': -2}, 'max_steps'),
     ({'seed': -1}, 'seed'),

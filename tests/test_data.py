@@ -277,7 +277,8 @@ def test_mock_data_imagenet2012(tmp_path, monkeypatch):
   tfds = pytest.importorskip('tensorflow_datasets')
   monkeypatch.setattr(sources, 'SKIP_TFDS_IMAGE_DECODING', False)
   _fake_prepared(tmp_path, 'imagenet2012', '5.1.0')
-  config = _config(dataset='imagenet2012', data_dir=str(tmp_path), num_classes=1000, image_size=224)
+  config = _config(dataset='imagenet2012', data_dir=str(tmp_path), num_classes=1000, image_size=224,
+                  num_data_workers=0)  # Worker processes would not see the in-process mock.
   with tfds.testing.mock_data(num_examples=6):
     info = data.get_dataset_info(config)
     assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 6)

@@ -7,6 +7,7 @@ Every failure is caused for real: missing folders, truncated JPEG bytes, empty c
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -416,3 +417,15 @@ print('done')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'done' in result.stdout
   assert 'leaked shared_memory' not in result.stderr, result.stderr[-3000:]
+
+
+def test_num_data_workers_minus_one_is_the_spare_cores(monkeypatch):
+  """-1 (the default) is every core this process may use but one; a set count is kept."""
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(11)), raising=False)
+  config = get_config()
+  assert config.num_data_workers == -1 and data.num_workers(config) == 10
+  config.num_data_workers = 3
+  assert data.num_workers(config) == 3
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
+  config.num_data_workers = -1
+  assert data.num_workers(config) == 0  # One core: decode in the main process.

@@ -17,6 +17,8 @@ import pytest
 
 from configs.default import get_config
 from ffsd_jax import inference
+from ffsd_jax import program as program_lib
+from ffsd_jax import run_setup
 from ffsd_jax import sharding
 from ffsd_jax import train_state as train_state_lib
 from ffsd_jax import train_step as train_step_lib
@@ -84,14 +86,16 @@ def one_step():
   single_device = jax.devices()[0]
   single_state, single_metrics = jax.jit(step_fn)(jax.device_put(state, single_device),
                                                   jax.device_put(batch, single_device))
-  mesh = sharding.create_mesh()
-  replicated, batch_sharded = sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)
-  sharded_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharded), out_shardings=(replicated, replicated),
-                         compiler_options=sharding.step_compiler_options(mesh, config))
-  global_batch = sharding.make_global_batch(batch, mesh)
+  # The sharded side is the training loop's own program (ffsd_jax/program.py): one step, so its metric sums are
+  # the step's metrics.
+  program = program_lib.build(run_setup.build(config))
+  global_batch = program.global_batch(batch)
   assert global_batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
   assert len(global_batch['image'].addressable_shards) == 8
-  sharded_state, sharded_metrics = sharded_step(jax.device_put(state, replicated), global_batch)
+  # From a host copy: the program donates its state, and a device_put onto device 0 may alias `state` itself.
+  sharded_state, sharded_metrics = program.train_step(
+      jax.device_put(jax.device_get(state), sharding.replicated_sharding(program.mesh)), program.metric_sums(),
+      global_batch)
   jax.block_until_ready((single_metrics, sharded_metrics))
   jax.config.update('jax_disable_most_optimizations', True)
   return dict(config=config, state=state, batch=batch, mean_std=mean_std, single=(single_state, single_metrics),

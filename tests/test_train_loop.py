@@ -34,8 +34,10 @@ def run_config():
   return tiny_config(max_steps=TOTAL_STEPS)
 
 
-def signal_at_batch(monkeypatch, batch_number: int, signals: tuple[int, ...] = (signal.SIGTERM,)):
-  """Makes the data iterator send this process real signals while it hands out batch `batch_number` (1-based)."""
+def signal_at_batch(monkeypatch, step: int, signals: tuple[int, ...] = (signal.SIGTERM,)):
+  """Makes the data iterator send this process real signals while the loop trains step `step` (1-based): the device
+  feed places batches FEED_SIZE − 1 ahead, so that is when the iterator hands out batch step + FEED_SIZE − 1."""
+  batch_number = step + train_loop.FEED_SIZE - 1
   original = train_loop.data_lib.create_train_iterator
 
   class _Iterator:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pathlib
 from typing import Any, Callable, Iterable
 
@@ -268,7 +269,7 @@ def describe_dataset(info: DatasetInfo, config) -> str:
   if plan.small:
     parts.append(f'train pipeline: reflect-pad {augment.CIFAR_PAD} + crop {size} + flip, eval: the image as stored')
   else:
-    workers = int(config.get('num_data_workers', 0) or 0)
+    workers = num_workers(config)
     made = 'generated' if synthetic else 'decoded'
     parts.append(f'train pipeline: random-resized-crop {size} (scale 0.08-1, ratio 3/4-4/3) + flip, eval: resize '
                  f'{_eval_resize_size(config, size)} + centre-crop {size}, {made} per example in '
@@ -301,6 +302,19 @@ def _synthetic_arrays(reader: sources.SyntheticReader):
                                   reader._split_id)  # pylint: disable=protected-access
 
 
+def num_workers(config) -> int:
+  """The grain worker processes of the per-example (ImageNet-style) pipeline: `config.num_data_workers`, or for -1
+  (the default) the host's spare cores: all this process may use but one, which runs the training loop.
+
+  The CIFAR-size pipeline needs none (it augments arrays in memory, at tens of thousands of images per second).
+  """
+  wanted = int(config.get('num_data_workers', -1))
+  if wanted >= 0:
+    return wanted
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+  return max(0, cores - 1)
+
+
 def create_train_iterator(config, *, global_batch_size: int, process_index: int, process_count: int, seed: int
                           ) -> pipeline.ResumableIterator:
   """Endless per-process training batches (local batch = global // process_count), deterministic for `seed`.
@@ -323,7 +337,7 @@ def create_train_iterator(config, *, global_batch_size: int, process_index: int,
   return pipeline.grain_train_iterator(plan.train_reader, plan.info.num_train_examples,
                                        image_size=plan.info.image_size, global_batch_size=global_batch_size,
                                        process_index=process_index, process_count=process_count, seed=seed,
-                                       num_workers=int(config.get('num_data_workers', 0) or 0), info=info,
+                                       num_workers=num_workers(config), info=info,
                                        allow_layout_change=allow_change)
 
 
@@ -340,5 +354,4 @@ def create_eval_batches(config, *, global_batch_size: int, process_index: int, p
     return pipeline.ArrayEvalBatches(images, labels, layout)
   size = plan.info.image_size
   resize_size = _eval_resize_size(config, size)
-  return pipeline.GrainEvalBatches(plan.eval_reader, layout, size, resize_size,
-                                   int(config.get('num_data_workers', 0) or 0))
+  return pipeline.GrainEvalBatches(plan.eval_reader, layout, size, resize_size, num_workers(config))
