@@ -113,6 +113,10 @@ def test_exact_messages():
       "config.compute_dtype='float16': must be one of float32, bfloat16; set --config.compute_dtype=bfloat16"]
   assert _problems(max_steps=0) == [
       'config.max_steps=0: must be -1 (train num_epochs) or an integer >= 1; set --config.max_steps=-1']
+  # The suggested value is the valid one nearest in spelling, not the default.
+  [model_line] = _problems(model='resnet19')
+  assert model_line.endswith('; set --config.model=resnet18'), model_line
+  assert _problems(method='kdlc')[0].endswith('; set --config.method=kdcl')
 
 
 def test_every_problem_is_reported_at_once_in_a_fixed_order():

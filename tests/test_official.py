@@ -239,7 +239,7 @@ def test_script_round_trip(tmp_path):
   assert_trees_identical(leader, official.from_official(state, 'resnet20')[0])
 
 
-def test_export_official_from_workdir(tmp_path, monkeypatch):
+def test_export_official_from_workdir(tmp_path, monkeypatch, caplog):
   """`--mode export --format=pytorch`: the checkpoint's leader and head, its epoch and step (restore faked here)."""
   import types  # pylint: disable=g-import-not-at-top
   from ffsd_jax import inference, methods  # pylint: disable=g-import-not-at-top
@@ -254,11 +254,15 @@ def test_export_official_from_workdir(tmp_path, monkeypatch):
   restored = lambda config, workdir, checkpoint: inference.RestoredRun(
       state, 3 * 390 + 17, f'{workdir}/checkpoints_best/1187', setup)
   monkeypatch.setattr(inference, 'restore_for_inference', restored)
-  written = official.export_official_from_workdir(_config('resnet56'), str(tmp_path))
+  with caplog.at_level('INFO'):
+    written = official.export_official_from_workdir(_config('resnet56'), str(tmp_path))
   assert written == [str(tmp_path / 'export' / 'modelleader_best.safetensors'),
                      str(tmp_path / 'export' / 'modelleader_best.pth')]
   _assert_official_file(written[1], 'resnet56', epoch=3, counter=('layer3.8.bn2.num_batches_tracked', 1187),
                         leader=leader, head=head)
+  # It says what it wrote (the PyTorch export used to print nothing on success).
+  assert any(r.getMessage() == f'Wrote leader (resnet56, step 1187) in the official format: {", ".join(written)}.'
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

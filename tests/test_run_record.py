@@ -219,6 +219,12 @@ def test_smoke_run_console_is_short_and_truthful(tmp_path):
     assert speed_and_eta, line
     assert int(speed_and_eta.group(3)) == 0, line  # A 32-step run: never hours.
   assert sum(' eval after epoch ' in line for line in lines) == 2
+  # No silent phase: the dataset in one line, compiling announced and timed, the first eval's compilation announced.
+  assert sum(re.search(r'\] Dataset synthetic \(random pixels', line) is not None for line in lines) == 1
+  assert sum(line.endswith('a new one takes up to minutes)...') for line in lines) == 1
+  assert sum(re.search(r'\] Compiled the training step in [\d.]+ s\.$', line) is not None for line in lines) == 1
+  assert sum('First evaluation (compiling the eval step) on 256 test images...' in line for line in lines) == 1
+  assert not any("Unable to initialize backend 'tpu'" in line for line in lines)
   summary = json.loads((workdir / train_loop.SUMMARY_FILE).read_text())
   assert lines[-1].endswith(f'Finished at step 32: leader top-1 best {summary["best_leader_top1"]:.2f}, last '
                             f'{summary["last_leader_top1"]:.2f} ({workdir / train_loop.SUMMARY_FILE}).')
