@@ -6,7 +6,8 @@ public implementation's settings, shaoeric/Peer-Collaborative-Learning-for-Onlin
 Run:
   python main.py --config configs/cifar100_resnet32_pcl.py --workdir runs/cifar100_resnet32_pcl
 
-Expected (PCL paper, Table 1, CIFAR-100 ResNet-32, as reproduced in that repository's README): 74.14 ± 0.16. The
+Expected (the PCL paper's own Table 1 figure for CIFAR-100 ResNet-32, which the public reproduction's README quotes
+beside its own 74.77): 74.14 ± 0.16. The
 number to compare is `best_leader_top1` in runs/.../summary.json (the temporal mean of peer 0, the deployed network,
 best-epoch test top-1). Every peer sees the same augmented batch here, not its own augmentation (docs/deviations.md).
 """
