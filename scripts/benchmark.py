@@ -37,14 +37,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ffsd_jax import config_checks  # pylint: disable=g-import-not-at-top
+from ffsd_jax import compiled_stats  # pylint: disable=g-import-not-at-top
+from ffsd_jax import config_checks
 from ffsd_jax import data as data_lib
 from ffsd_jax import errors
 from ffsd_jax import methods
+from ffsd_jax import program as program_lib
 from ffsd_jax import run_record
-from ffsd_jax import sharding as sharding_lib
-from ffsd_jax import train_state as train_state_lib
-from ffsd_jax import train_step as train_step_lib
+from ffsd_jax import run_setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _METHODS = flags.DEFINE_list('methods', ['ffsd', 'independent'], 'Methods to time side by side.')
@@ -93,30 +93,35 @@ def _batches(config, batch_size: int, info, data: str):
 
 @dataclasses.dataclass
 class CompiledStep:
-  """The training loop's jitted step compiled for one setting, with its state and a batch source."""
+  """The training loop's program (`ffsd_jax.program`) compiled for one setting, with its state and a batch source."""
   config: Any
-  mesh: Any
+  program: program_lib.TrainingProgram
   compiled: Any
   state: Any
+  metric_sums: Any
   batches: Iterator[dict[str, np.ndarray]]
   compile_s: float
   flops_per_device: float | None
   compiler_options: dict[str, Any]
 
+  @property
+  def mesh(self) -> Any:
+    return self.program.mesh
+
   def run(self, num_steps: int) -> list[float]:
     """Runs `num_steps` steps (state carried over); returns each one's seconds, batch placement excluded."""
     times = []
     for _ in range(num_steps):
-      batch = sharding_lib.make_global_batch(next(self.batches), self.mesh)
+      batch = self.program.global_batch(next(self.batches))
       start = time.perf_counter()
-      self.state, metrics = self.compiled(self.state, batch)
-      jax.block_until_ready((self.state, metrics))
+      self.state, self.metric_sums = self.compiled(self.state, self.metric_sums, batch)
+      jax.block_until_ready((self.state, self.metric_sums))
       times.append(time.perf_counter() - start)
     return times
 
 
 def compile_step(config, method: str, dtype: str, batch_size: int, data: str = 'synthetic') -> CompiledStep:
-  """Builds, shards and compiles the train step for one setting (`data`: 'synthetic' or 'real')."""
+  """Builds and compiles the training program for one setting (`data`: 'synthetic' or 'real')."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.method = method
@@ -125,23 +130,14 @@ def compile_step(config, method: str, dtype: str, batch_size: int, data: str = '
   if data == 'synthetic':
     with config.unlocked():
       config.dataset = 'synthetic'
-  info = data_lib.get_dataset_info(config)
-  steps_per_epoch = max(1, info.num_train_examples // batch_size)
-  mesh = sharding_lib.create_mesh()
-  sharding_lib.check_batch_size(batch_size, mesh)
-  model = train_state_lib.create_model(config)
-  state, _ = sharding_lib.create_sharded(
-      lambda: train_state_lib.create_train_state(config, model, jax.random.key(config.seed), steps_per_epoch), mesh)
-  jitted = train_step_lib.jit_sharded_train_step(model, config, steps_per_epoch, info.mean_std, mesh)
-  compiler_options = sharding_lib.step_compiler_options(mesh, config)  # Recorded with the figures.
-
-  batches = _batches(config, batch_size, info, data)
-  first = sharding_lib.make_global_batch(next(batches), mesh)
+  program = program_lib.build(run_setup.build(config))
+  state = program.init_state()
+  batches = _batches(program.setup.config, batch_size, program.setup.info, data)
   start = time.perf_counter()
-  compiled = jitted.lower(state, first).compile()
+  compiled = program.lower(state).compile()
   compile_s = time.perf_counter() - start
-  return CompiledStep(config, mesh, compiled, state, batches, compile_s, run_record.compiled_flops(compiled),
-                      compiler_options or {})
+  return CompiledStep(config, program, compiled, state, program.metric_sums(), batches, compile_s,
+                      run_record.compiled_flops(compiled), program.compiler_options or {})
 
 
 def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
@@ -157,6 +153,7 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
   device = jax.devices()[0]
   median = statistics.median(times)
   peak_memory, memory_source = _peak_memory_bytes(device)
+  compiled_memory = compiled_stats.memory_per_device(step.compiled)
   result = {
       'model': config.model, 'method': method, 'dtype': dtype, 'batch_size': batch_size, 'data': _DATA.value,
       'num_devices': jax.device_count(), 'device_kind': device.device_kind,
@@ -166,6 +163,12 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
       'step_gflops': None if flops is None else flops / 1e9,
       'achieved_tflops': None if flops is None else flops / median / 1e12,
       'peak_memory_gib': peak_memory / 2**30, 'peak_memory_source': memory_source,
+      # What the compiler planned, per device (XLA's buffer assignment; None where the backend has no analysis),
+      # and the collectives one step issues, by kind (ffsd_jax/compiled_stats.py).
+      'compiled_memory_per_device': compiled_memory,
+      'compiled_peak_memory_gib_per_device': (None if compiled_memory['peak_bytes'] is None
+                                              else compiled_memory['peak_bytes'] / 2**30),
+      'collectives': compiled_stats.collectives(step.compiled),
   }
   peak = run_record.peak_flops_per_sec(device, dtype)
   if peak is not None and flops_per_device is not None:
