@@ -46,8 +46,20 @@ def report_lines(stderr: str) -> list[str]:
 
 
 def load_script(name: str):
-  """Imports `scripts/<name>.py` as a module (the scripts are not a package)."""
+  """Imports `scripts/<name>.py` as a module (the scripts are not a package).
+
+  Several scripts define the same absl flags (`--config`, ...) at import time, on absl's one global registry; the
+  flags of scripts imported earlier in this process are dropped first, so any order of test modules imports them.
+  """
   import importlib  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if name not in sys.modules:
+    scripts = {path.stem for path in (REPO_ROOT / 'scripts').glob('*.py')}
+    stale = [flag.name for module, defined in flags.FLAGS.flags_by_module_dict().items() if module in scripts
+             for flag in defined]
+    for flag_name in stale:  # Collected first: deleting a flag changes absl's per-module lists.
+      if flag_name in flags.FLAGS:
+        delattr(flags.FLAGS, flag_name)
   sys.path.insert(0, str(REPO_ROOT / 'scripts'))
   try:
     return importlib.import_module(name)
