@@ -21,7 +21,7 @@ from ffsd_jax import data
 from ffsd_jax import errors
 from ffsd_jax.data import sources
 from test_data import _fake_prepared  # pylint: disable=g-bad-import-order
-from test_data_integrity import _write_image, _write_truncated_jpeg  # pylint: disable=g-bad-import-order
+from test_data_integrity import _config, _write_image, _write_truncated_jpeg  # pylint: disable=g-bad-import-order
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXTENSIONS = '.png, .jpg, .jpeg, .bmp, .gif, .tif, .tiff, .webp, .ppm'
@@ -35,14 +35,6 @@ def _fresh_plans():
   data._plan_cached.cache_clear()  # pylint: disable=protected-access
   yield
   data._plan_cached.cache_clear()  # pylint: disable=protected-access
-
-
-def _config(tmp_path, **overrides):
-  config = get_config()
-  config.data_cache_dir = str(tmp_path / 'cache')  # Never the user's cache.
-  for key, value in overrides.items():
-    config[key] = value
-  return config
 
 
 def _folder_config(tmp_path, root, image_size=8, **overrides):
