@@ -88,10 +88,12 @@ else
   log "compare_official skipped: no official checkout at $official_src or no torch"
 fi
 
-# 3. The test suite with the GPU as the default backend (tests that need 8 devices skip on a 1-GPU machine).
+# 3. The test suite with the GPU as the default backend (tests that need 8 devices skip on a 1-GPU machine), in one
+# process: `-o addopts=` drops pyproject's two xdist workers (the GPU image lacks pytest-xdist, and two processes would
+# each reserve 75% of the GPU).
 if [ "$(left)" -gt 60 ]; then
   FFSD_TEST_PLATFORMS=cuda,cpu timeout $(( $(left) - 30 > 180 ? 180 : $(left) - 30 )) \
-    python3 -m pytest -q -p no:cacheprovider "${test_args[@]}" > "$OUT/tests.log" 2>&1
+    python3 -m pytest -q -p no:cacheprovider -o addopts= "${test_args[@]}" > "$OUT/tests.log" 2>&1
   log "tests rc=$? $(tail -n 1 "$OUT/tests.log")"
 fi
 
