@@ -60,6 +60,10 @@ class CheckpointError(errors.UserError, RuntimeError):
   """A checkpoint that cannot be used: another architecture, or truncated / corrupt files."""
 
 
+class ArchitectureError(CheckpointError):
+  """A readable checkpoint written for another architecture (model, method, network count, classes)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Manifests: the size and digest of every file of a committed step.
 
@@ -425,14 +429,15 @@ def check_architecture(manager: ocp.CheckpointManager, step: int,
     The config saved with the checkpoint (as `config_to_json` wrote it).
 
   Raises:
-    CheckpointError: naming the corrupt file or the differing keys, the checkpoint path and the fix.
+    ArchitectureError: naming the differing keys, the checkpoint path and the fix.
+    CheckpointError: naming the corrupt file.
   """
   saved = saved_config(manager, step)
   current = config_to_json(config)
   differing = {k: (saved.get(k), current.get(k)) for k in ARCHITECTURE_KEYS if saved.get(k) != current.get(k)}
   if differing:
     details = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in differing.items())
-    raise CheckpointError(
+    raise ArchitectureError(
         f'The checkpoint {_step_path(manager, step)} belongs to another architecture ({details}). It was left '
         'untouched. Use another --workdir for this config, or the config that wrote the checkpoint.')
   return saved

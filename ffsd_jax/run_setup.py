@@ -22,6 +22,7 @@ from ffsd_jax import run_record
 from ffsd_jax import sharding
 from ffsd_jax import train_state as train_state_lib
 
+
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
   """Everything a run derives from its config before it touches the workdir."""
@@ -47,7 +48,7 @@ class RunSetup:
 
 def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Fails with one line when the global batch does not split over the devices, naming the device counts that fit
-  and the batch sizes that fit the devices."""
+  the batch and a batch that fits the devices."""
   batch = config.batch_size
   if batch % num_devices == 0:
     return

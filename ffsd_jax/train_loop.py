@@ -311,9 +311,9 @@ def _best_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Checkp
     # checkpoint on the first improvement).
     checkpointing.check_architecture(best_manager, step, config)
     return best_manager
-  except checkpointing.CheckpointError as error:
-    if 'another architecture' in str(error):
-      raise
+  except checkpointing.ArchitectureError:
+    raise
+  except checkpointing.CheckpointError as error:  # Corrupt or unreadable files.
     best_manager.close()
     source = checkpointing.checkpoint_path(best_manager, step)
     target = os.path.join(workdir, UNREADABLE_BEST_DIR, f'{step}-{int(time.time())}')
