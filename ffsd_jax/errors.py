@@ -76,6 +76,7 @@ def format_error(error: BaseException) -> str:
 
 
 def exit_code(error: BaseException) -> int:
+  """The process exit status for `error` (its class's `exit_code`; 1 for an OSError)."""
   return getattr(error, 'exit_code', EXIT_FAILURE)
 
 
