@@ -2,7 +2,8 @@
 
 main.py uses it when `--config` is not given, so these two are the same command (flags still apply on top):
   python main.py --workdir runs/r32 --mode eval --config.data_dir ~/tensorflow_datasets
-  python main.py --config configs/saved.py:runs/r32 --workdir runs/r32 --mode eval --config.data_dir ~/tensorflow_datasets
+  python main.py --config configs/saved.py:runs/r32 --workdir runs/r32 --mode eval \
+      --config.data_dir ~/tensorflow_datasets
 
 Expected: the config of the run in runs/r32 exactly as it trained (model, method, dataset, normalisation, ...).
 """

@@ -1,11 +1,11 @@
 """The functional training step and the evaluation steps (docs/method.md §7, §10).
 
 `make_train_step` returns a PURE, un-jitted `train_step(state, batch) -> (state, metrics)`; `ffsd_jax/program.py` jits
-it as the loop runs it, with its shardings and buffer donation (`jit_train_step` is a single-device convenience). Everything method-specific
-comes from the method object (ffsd_jax/methods/): one train-mode call of its model runs every forward pass of an
-iteration (for FFSD, of the official code), its objective puts `stop_gradient` where the method detaches, and one
-`jax.value_and_grad` over the whole parameter tree gives each loss group its own gradient, which
-`optax.multi_transform` hands to that group's optimizer (§7.3 explains why this equals the official code's
+it as the loop runs it, with its shardings and buffer donation (`jit_train_step` is a single-device convenience).
+Everything method-specific comes from the method object (ffsd_jax/methods/): one train-mode call of its model runs
+every forward pass of an iteration (for FFSD, of the official code), its objective puts `stop_gradient` where the
+method detaches, and one `jax.value_and_grad` over the whole parameter tree gives each loss group its own gradient,
+which `optax.multi_transform` hands to that group's optimizer (§7.3 explains why this equals the official code's
 sequential updates). Warm-ups are computed inside the step from `state.step`, so they need no host value and no
 recompilation.
 """
@@ -184,7 +184,8 @@ def validate_batch(batch: Mapping[str, Any], *, num_classes: int, batch_size: in
     raise errors.DataError(f"batch['image'] holds {images.shape[0]} examples but the step expects {batch_size} (the "
                      'per-process batch size); the data pipeline must drop or pad partial batches.')
   if images.dtype != np.uint8:
-    raise errors.DataError(f"batch['image'] must be uint8 pixels (normalisation happens on the device); got {images.dtype}.")
+    raise errors.DataError(
+        f"batch['image'] must be uint8 pixels (normalisation happens on the device); got {images.dtype}.")
   if labels.shape != (batch_size,):
     raise errors.DataError(f"batch['label'] must have shape ({batch_size},); got {labels.shape}.")
   if labels.dtype != np.int32:
@@ -192,13 +193,16 @@ def validate_batch(batch: Mapping[str, Any], *, num_classes: int, batch_size: in
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     bad = labels[(labels < 0) | (labels >= num_classes)]
     raise errors.DataError(f'Labels must lie in [0, {num_classes}) (config.num_classes={num_classes}); got '
-                     f'{bad[:5].tolist()}{"..." if bad.size > 5 else ""}. Check config.num_classes and the dataset.')
+                           f'{bad[:5].tolist()}{"..." if bad.size > 5 else ""}. Check config.num_classes and the '
+                           'dataset.')
   if 'mask' in batch and np.asarray(batch['mask']).shape != (batch_size,):
-    raise errors.DataError(f"batch['mask'] must have shape ({batch_size},); got {np.asarray(batch['mask']).shape}.")
+    raise errors.DataError(
+        f"batch['mask'] must have shape ({batch_size},); got {np.asarray(batch['mask']).shape}.")
 
 
 def check_finite(metrics: Mapping[str, Any]) -> None:
-  """Raises NonFiniteStateError (a FloatingPointError) naming every non-finite metric (host side; the training loop calls it)."""
+  """Raises NonFiniteStateError (a FloatingPointError) naming every non-finite metric (host side; the training loop
+  calls it)."""
   values = {name: float(np.asarray(value)) for name, value in jax.device_get(dict(metrics)).items()}
   bad = {name: value for name, value in values.items() if not np.isfinite(value)}
   flagged = values.get('nonfinite', 0.0)

@@ -7,12 +7,12 @@ randomness is a function of (seed, epoch, global position) as well, so a global 
 of processes. Batch k of the stream is therefore a pure function of k, and the iterator state is just k.
 
 Resuming over a changed example set or global batch (N -> N', G -> G', only with allow_layout_change, i.e.
---config.allow_config_change): the state k is kept and batch k is read from the new layout, i.e. epoch k // (N' // G'),
-step k % (N' // G') over the permutations of N'. Batch k is the k-th training step, so the stream's epochs stay aligned with the training loop's,
-which counts epochs with the new steps-per-epoch too (learning-rate schedule, evaluation after each epoch). When
-N // G is unchanged (e.g. one file of 481 removed at batch 128) that is the same epoch and step as before. Either way
-every permutation changes with N (and every batch with G), so the data order from k on differs from an uninterrupted
-run.
+--config.allow_config_change): the state k is kept and batch k is read from the new layout, i.e. epoch k // (N' //
+G'), step k % (N' // G') over the permutations of N'. Batch k is the k-th training step, so the stream's epochs stay
+aligned with the training loop's, which counts epochs with the new steps-per-epoch too (learning-rate schedule,
+evaluation after each epoch). When N // G is unchanged (e.g. one file of 481 removed at batch 128) that is the same
+epoch and step as before. Either way every permutation changes with N (and every batch with G), so the data order from
+k on differs from an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _AUGMENT_STREAM = 1
 class IteratorStateError(errors.UserError, ValueError):
   """A saved training-input state that does not fit this run: a refused resume (exit status 2, as a config change).
 
-  Raised for another batch size, seed, process layout or (without allow_config_change) example set.
+  Raised for another seed or process layout, or (without allow_config_change) another example set or global batch.
   """
 
   exit_code = errors.EXIT_USAGE
@@ -85,7 +85,8 @@ class ResumableIterator:
 
   `get_state()` returns {'next_batch': k} (JSON-serialisable): the index of the batch the next `next()` returns,
   counting batches handed to the caller, not those prefetched. `set_state` restarts production there.
-  With `allow_layout_change`, `set_state` accepts a state saved over another number of training examples.
+  With `allow_layout_change`, `set_state` accepts a state saved over another number of training examples or another
+  global batch.
   """
 
   def __init__(self, make_batch: Callable[[int], dict[str, np.ndarray]], info: dict[str, Any],
