@@ -30,6 +30,7 @@ from jax.experimental.compilation_cache import compilation_cache
 import ml_collections
 
 from ffsd_jax import checkpointing
+from ffsd_jax.data import sources
 
 CONFIG_FILE = 'config.json'
 RUN_INFO_FILE = 'run_info.json'
@@ -55,9 +56,9 @@ PEAK_TFLOPS = {
 
 
 def default_cache_dir() -> str:
-  """`$XDG_CACHE_HOME/ffsd_jax/jax`, or `~/.cache/ffsd_jax/jax` when XDG_CACHE_HOME is unset."""
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'ffsd_jax', 'jax')
+  """`$XDG_CACHE_HOME/ffsd_jax/jax`, or `~/.cache/ffsd_jax/jax` when XDG_CACHE_HOME is unset (beside the decoded-image
+  cache, `sources.default_cache_root()/decoded`)."""
+  return str(sources.default_cache_root() / 'jax')
 
 
 def setup_compilation_cache(cache_dir: str | None) -> str | None:

@@ -244,7 +244,8 @@ class _Run:
   best_checkpoint_top1: float | None = None  # The top-1 of the state in checkpoints_best/ (None: none there).
   best_checkpoint_step: int | None = None
   last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
-  step_flops: float | None = None
+  step_flops: float | None = None  # Per device, from XLA's cost analysis of the compiled step.
+  peak_flops: float | None = None  # Per device and second, where the device's peak is known (for the MFU).
   preempted: bool = False
 
   @property
@@ -396,6 +397,7 @@ def _compile(run: _Run) -> None:
                  'minutes)...', run.config.model, len(run.setup.abstract_state.params))
   compiled = run.program.lower(run.state).compile()
   run.step_flops = run_record.compiled_flops(compiled)
+  run.peak_flops = run_record.peak_flops_per_sec(jax.devices()[0], run.config.compute_dtype)
   if _is_leader_process():
     logging.info('Compiled the training step in %.1f s.', time.time() - start)
     if run.step_flops is not None:
@@ -485,9 +487,8 @@ def _log_window(run: _Run, clock: _Clock) -> None:
     speed['steps_per_sec'] = (run.step - clock.window_start_step) / elapsed
     speed['images_per_sec'] = speed['steps_per_sec'] * config.batch_size
     speed['data_wait_fraction'] = min(clock.data_wait / elapsed, 1.0)
-    peak_flops = run_record.peak_flops_per_sec(jax.devices()[0], config.compute_dtype)
-    if peak_flops and run.step_flops:
-      speed['mfu'] = run.step_flops * speed['steps_per_sec'] / peak_flops
+    if run.peak_flops and run.step_flops:
+      speed['mfu'] = run.step_flops * speed['steps_per_sec'] / run.peak_flops
   clock.restart_window(now, run.step)
   epoch = run.step / setup.steps_per_epoch
   run.writer.write_scalars(run.step, {**averages, **speed}, epoch=epoch)
@@ -579,20 +580,21 @@ def _check_saves(run: _Run) -> None:
 
 def _save(run: _Run, manager: ocp.CheckpointManager) -> None:
   """Starts an asynchronous save of the state (never a non-finite one) with the loop state into `manager`."""
+  window = _fetch_window(run)  # One host fetch: checked, then saved with the loop state.
   if run.window_steps:
     # Never save a NaN state: the unfinished logging window is checked too.
-    train_step_lib.check_finite({k: v / run.window_steps for k, v in _fetch_window(run).items()})
+    train_step_lib.check_finite({k: v / run.window_steps for k, v in window.items()})
   # The metrics can stay finite while a weight or a running variance is not: check every leaf of the state.
   state_guard.check_state_finite(run.state, what=f'The train state at step {run.step}',
                                  advice=_guard_advice(run))
   _flush_metrics(run, sync=True)  # Every record up to this checkpoint is on disk before it exists.
-  loop = {'metric_sums': _fetch_window(run), 'window_steps': run.window_steps, 'best_leader_top1': run.best_top1,
+  loop = {'metric_sums': window, 'window_steps': run.window_steps, 'best_leader_top1': run.best_top1,
           'best_checkpoint_top1': run.best_checkpoint_top1, 'last_eval': run.last_eval}
   try:
     checkpointing.save(manager, run.step, run.state,
                        iterator_states=checkpointing.gather_iterator_states(run.feed.get_state()),
                        loop_state=loop, config=run.config)
-  except (checkpointing.CheckpointError, state_guard.NonFiniteStateError):
+  except checkpointing.CheckpointError:
     raise
   except Exception as error:  # pylint: disable=broad-except  (Orbax re-raises a failed earlier save here)
     raise _save_failure(run, manager, error) from None

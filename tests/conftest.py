@@ -29,6 +29,14 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def child_env(devices: int = 1, **overrides: str) -> dict[str, str]:
+  """The environment of a child `main.py` or script: CPU with `devices` simulated devices, the repository importable,
+  and the tests' compilation cache."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO_ROOT),
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or '', **overrides)
+
+
 def report_lines(stderr: str) -> list[str]:
   """stderr less absl's log records and the lines they continue on (the parameter table): what a user reads as the
   error report of main.py or a script."""

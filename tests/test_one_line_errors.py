@@ -5,17 +5,15 @@ workdir should be, ...)."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import report_lines
+from conftest import child_env, report_lines
 from ffsd_jax import errors
 from ffsd_jax import export
 
@@ -23,15 +21,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ['main.py', '--config', 'configs/smoke.py']
 
 
-def _env(devices: int = 1) -> dict[str, str]:
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO_ROOT),
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
-
-
 def _run(args: list[str], devices: int = 1) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                        env=_env(devices))
+                        env=child_env(devices))
 
 
 def _image_folder(root: pathlib.Path, classes=('a', 'b'), count=4, size=32, splits=('train', 'test')):

@@ -15,10 +15,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
-from conftest import TINY_RUN_STEPS, report_lines
+from conftest import TINY_RUN_STEPS, child_env, report_lines
 from ffsd_jax import checkpointing
 from ffsd_jax import config_checks
 from ffsd_jax import errors
@@ -32,15 +31,9 @@ SMOKE = ['main.py', '--config', 'configs/smoke.py', f'--config.max_steps={SMOKE_
          '--config.checkpoint_every_steps=4']
 
 
-def _env(**overrides: str) -> dict[str, str]:
-  """A child run: one CPU device, the tests' compilation cache."""
-  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', PYTHONPATH=str(REPO_ROOT),
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir, **overrides)
-
-
 def _main(args: list[str], **kwargs) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                        env=_env(), **kwargs)
+                        env=child_env(), **kwargs)
 
 
 def _comparable(workdir: pathlib.Path) -> list[dict]:
@@ -98,7 +91,7 @@ def test_sigterm_during_the_final_save_loses_nothing(straight_smoke, tmp_path):
   """SIGTERM lands while the last checkpoint commits (just after the last eval line): the run still finishes
   cleanly: exit 0, no temporary folder, the lock released, summary.json written, the same results."""
   workdir = tmp_path / 'run'
-  run = subprocess.Popen([sys.executable, *SMOKE, '--workdir', str(workdir)], cwd=REPO_ROOT, env=_env(),
+  run = subprocess.Popen([sys.executable, *SMOKE, '--workdir', str(workdir)], cwd=REPO_ROOT, env=child_env(),
                          stderr=subprocess.PIPE, text=True)
   lines = []
   for line in run.stderr:
@@ -243,7 +236,7 @@ def test_resume_on_a_device_count_that_does_not_divide_the_batch(tmp_path):
   workdir = tmp_path / 'run'
   trained = _main([*SMOKE, '--workdir', str(workdir), '--config.max_steps=4'])
   assert trained.returncode == 0, trained.stderr[-3000:]
-  three = dict(_env(), XLA_FLAGS='--xla_force_host_platform_device_count=3')
+  three = child_env(devices=3)
   longer = [*SMOKE, '--workdir', str(workdir), '--config.max_steps=8']
   refused = subprocess.run([sys.executable, *longer], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                            env=three)
