@@ -20,16 +20,22 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 
+from ffsd_jax import errors
+
 METRICS_FILE = 'metrics.jsonl'
 # Record keys that measure the machine, not the run: they differ between a resumed run and one that never stopped.
 TIMING_KEYS = frozenset({'time', 'steps_per_sec', 'images_per_sec', 'mfu', 'data_wait_fraction'})
+
+
+class DamagedMetricsError(errors.UserError, ValueError):
+  """A metrics file damaged other than by a torn last line (edited, or corrupted on disk)."""
 
 
 def _parse_records(path: str) -> tuple[list[dict[str, Any]], int | None]:
   """(records, line number of a torn last line or None) of a metrics file.
 
   Raises:
-    ValueError: a line other than the last is not valid JSON (the file was edited or damaged), naming file and line.
+    DamagedMetricsError: a line other than the last is not valid JSON (the file was edited or damaged), naming file and line.
   """
   with open(path, 'rb') as f:
     lines = f.read().split(b'\n')
@@ -44,7 +50,7 @@ def _parse_records(path: str) -> tuple[list[dict[str, Any]], int | None]:
       if position == len(numbered) - 1:
         torn_line = number  # A write cut short by a kill or a full disk: only ever the last line.
         break
-      raise ValueError(f'{path}, line {number}, is not a JSON record ({error}); only the last line can be torn by '
+      raise DamagedMetricsError(f'{path}, line {number}, is not a JSON record ({error}); only the last line can be torn by '
                        'a crash, so the file was edited or damaged. Fix or remove that line.') from None
     records.append(record)
   return records, torn_line

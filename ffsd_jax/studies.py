@@ -175,7 +175,7 @@ def read_records(workdir: str) -> list[dict[str, Any]]:
     return []
   try:
     return metric_writers.read_metrics(path)
-  except ValueError as error:
+  except metric_writers.DamagedMetricsError as error:
     raise UnreadableWorkdirError(str(error)) from None
 
 

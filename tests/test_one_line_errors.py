@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -61,6 +62,10 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], int, str, int]]:
   trained = tmp / 'trained'  # A run whose checkpoint a changed batch cannot resume.
   result = _run([*SMOKE, '--workdir', str(trained), '--config.max_steps=2'])
   assert result.returncode == 0, result.stderr[-3000:]
+  damaged = tmp / 'damaged_metrics'  # A metrics.jsonl edited in the middle (only its last line can be torn).
+  shutil.copytree(trained, damaged)
+  lines = (damaged / 'metrics.jsonl').read_text().splitlines()
+  (damaged / 'metrics.jsonl').write_text('\n'.join([lines[0][:-3]] + lines[1:]) + '\n')
   unevaluated = tmp / 'no_checkpoint'
   unevaluated.mkdir()
   (unevaluated / 'config.json').write_text((trained / 'config.json').read_text())
@@ -82,6 +87,8 @@ def cases(tmp_path_factory) -> dict[str, tuple[list[str], int, str, int]]:
                             errors.EXIT_USAGE),
       'batch change on resume': ([*SMOKE, '--workdir', str(trained), '--config.max_steps=4',
                                   '--config.batch_size=16'], 1, 'batch', errors.EXIT_USAGE),
+      'damaged metrics.jsonl': ([*SMOKE, '--workdir', str(damaged), '--config.max_steps=4'], 1,
+                                'metrics.jsonl, line 1, is not a JSON record', 1),
       'eval without a checkpoint': (['main.py', '--workdir', str(unevaluated), '--mode', 'eval'], 1,
                                     'No best checkpoint', 1),
   }
