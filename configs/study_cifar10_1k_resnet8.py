@@ -31,9 +31,11 @@ def get_config():
   config.eval_every_epochs = 2
   config.log_every_steps = 39  # Twice per epoch (78 steps of 128).
   config.checkpoint_every_steps = 390  # Every 5 epochs.
-  # ONE's and PCL's KL ramp-ups count absolute epochs: 80 of their papers' 300 (26.7%). At 80 this run would end with
-  # the weight still at exp(-5(1 - 19/80)^2) = 0.05; the same share of 20 epochs is 20 * 80 / 300 = 5.3, so 5 (full
-  # weight from the 6th epoch). A study run started with 80 resumes only with those values (or allow_config_change).
+  # ONE's, PCL's and OKDDip's KL ramp-ups count absolute epochs: 80 of their papers' 300 (26.7%). At 80 this run would
+  # end with the weight still at exp(-5(1 - 19/80)^2) = 0.05; the same share of 20 epochs is 20 * 80 / 300 = 5.3, so 5
+  # (full weight from the 6th epoch). A study run started with 80 resumes only with those values (or
+  # allow_config_change).
   config.one_rampup_epochs = 5
   config.pcl_rampup_epochs = 5
+  config.okddip_rampup_epochs = 5
   return config

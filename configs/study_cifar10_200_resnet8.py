@@ -32,4 +32,5 @@ def get_config():
   # take 80% of the run; the 1k config's 5 would be 5%).
   config.one_rampup_epochs = 27
   config.pcl_rampup_epochs = 27
+  config.okddip_rampup_epochs = 27
   return config

@@ -45,7 +45,8 @@ BEST_DIR = 'checkpoints_best'
 ITEM_NAMES = ('state', 'data_iterator', 'loop', 'config')
 # Config keys that must match between a checkpoint and the run restoring it (they fix the parameter tree).
 # The keys that shape the parameter tree (the shared trunk of ONE / PCL included).
-ARCHITECTURE_KEYS = ('model', 'method', 'num_students', 'num_classes', 'one_shared_stages', 'pcl_shared_stages')
+ARCHITECTURE_KEYS = ('model', 'method', 'num_students', 'num_classes', 'one_shared_stages', 'pcl_shared_stages',
+                     'okddip_shared_stages', 'mcl_shared_stages', 'mcl_embedding_dim')
 MANIFEST_FILE = 'ffsd_manifest.json'
 MANIFEST_FORMAT = 'ffsd_jax checkpoint manifest'
 # sha256 is the fastest hashlib digest on CPUs with SHA extensions (1.56 GB/s on one thread here, blake2b 1.07 GB/s;

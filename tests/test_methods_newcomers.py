@@ -1,6 +1,7 @@
 """KDCL, ONE and PCL (ffsd_jax/methods/{kdcl,one,pcl}.py): loss terms against NumPy written from the papers'
 equations, gradient isolation where each method detaches, deployed variables as complete backbones, PCL's EMA, and
 short end-to-end runs (the loss falls, --mode eval and --mode export give the deployed network, PCL resumes exactly).
+The end-to-end runs also cover OKDDip and MCL, whose loss-level tests are in tests/test_methods_okddip_mcl.py.
 """
 
 from __future__ import annotations
@@ -351,7 +352,8 @@ def test_pcl_temporal_means_are_extra_state_and_deploy_as_a_backbone(fast_compil
 # End to end: tiny synthetic runs through the training loop (8 steps, 4 per epoch: evaluations at steps 4 and 8).
 
 RUN_STEPS, STOP_STEP = 8, 3
-STUDENTS = {'kdcl': 2, 'one': 3, 'pcl': 3}
+# MCL with 3 networks shares the stem and first stage (the official rule for more than 2 networks).
+STUDENTS = {'kdcl': 2, 'one': 3, 'pcl': 3, 'okddip': 2, 'mcl': 3}
 
 
 def _run_config(method: str):

@@ -226,7 +226,7 @@ def test_study_script_prints_commands_and_aggregates(study_root, tmp_path):
   with contextlib.redirect_stdout(out):
     assert study.main(['run', '--configs', config, '--seeds', '0', '--root', str(tmp_path / 's'), '--print']) == 0
   assert [line.split('--config.method=')[1].split()[0] for line in out.getvalue().splitlines()] == [
-      'ffsd', 'dml', 'independent', 'kdcl', 'one', 'pcl']
+      'ffsd', 'dml', 'independent', 'kdcl', 'one', 'pcl', 'okddip', 'mcl']
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     assert study.main(['aggregate', study_root, '--csv', str(tmp_path / 'r.csv')]) == 0

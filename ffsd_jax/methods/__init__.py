@@ -41,6 +41,7 @@ def get_method(config: ml_collections.ConfigDict) -> Method:
 
 
 # The built-in methods register themselves on import (order = the order of `method_names()`).
-from ffsd_jax.methods import ffsd, dml, independent, kdcl, one, pcl  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from ffsd_jax.methods import ffsd, dml, independent, kdcl, one, pcl, okddip, mcl
 
 __all__ = ['GroupOptimizer', 'Method', 'get_method', 'method_class', 'method_names', 'register']
