@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Networks (docs/method.md §1, §3).
   config.model = 'resnet32'
   config.num_students = 2
-  config.method = 'ffsd'  # 'ffsd' | 'dml' | 'independent' | 'kdcl' | 'one' | 'pcl' (ffsd_jax/methods/)
+  # 'ffsd' | 'dml' | 'independent' | 'kdcl' | 'one' | 'pcl' | 'okddip' | 'mcl' (ffsd_jax/methods/)
+  config.method = 'ffsd'
   config.compute_dtype = 'float32'  # 'float32' | 'bfloat16'; parameters and loss math stay float32.
 
   # Data (docs/method.md §9). `dataset` is 'cifar100', 'cifar10', 'imagenet2012', 'image_folder' or 'synthetic'.
@@ -82,6 +83,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.pcl_ema_decay = 0.999  # The peer mean teachers' EMA decay (min(1 - 1/t, decay) at update t).
   config.pcl_rampup_epochs = 80  # The peer-mean KL terms are scaled by exp(-5(1 - e/80)^2); 0 = off.
 
+  # OKDDip (ffsd_jax/methods/okddip.py; official DefangChen/OKDDip train_GL.py defaults): `num_students` auxiliary
+  # peers and one group leader, branches of a trunk of this many stages (None = all stages but the last).
+  config.okddip_shared_stages = config_dict.placeholder(int)
+  config.okddip_temperature = 3.0
+  config.okddip_kl_weight = 1.0  # α on every KL term (the peers' to their attention targets, the leader's).
+  config.okddip_rampup_epochs = 80  # The KL terms are scaled by exp(-5(1 - e/80)^2), e the 0-based epoch; 0 = off.
+  # MCL (ffsd_jax/methods/mcl.py; official winycg/MCL main_cifar.py with its README's flags, not its parser's 0s).
+  # The networks share their first this-many stages; None = the official rule (2 networks: none, else 1); 0 = none.
+  config.mcl_shared_stages = config_dict.placeholder(int)
+  config.mcl_embedding_dim = 128  # D of each network's embedding head (--feat-dim).
+  config.mcl_contrast_temperature = 0.1  # τ of the similarities v_a·v_k/τ (--tau).
+  config.mcl_temperature = 3.0  # T of the soft (KL) contrastive terms (--kd_T).
+  config.mcl_vcl_weight = 0.1  # α (--alpha).
+  config.mcl_soft_vcl_weight = 1.0  # γ (--gamma).
+  config.mcl_icl_weight = 0.1  # β (--beta).
+  config.mcl_soft_icl_weight = 1.0  # λ (--lam).
+
   # Loop, logging and checkpoints.
   config.log_every_steps = 50
   config.eval_every_epochs = 1
@@ -96,6 +114,13 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoint's is refused unless True; accepted changes are logged to WORKDIR/config_changes.jsonl.
   config.allow_config_change = False
   config.distributed = False  # Call jax.distributed.initialize() (also when the launcher's environment asks).
+  # Devices = data × networks: the size of the 'networks' mesh axis. > 1 holds the method's same-architecture
+  # networks as one stacked tree split over that axis, each device running its own networks on its data shard
+  # (README "Several GPUs"); it must divide the number of networks and the device count.
+  config.network_parallelism = 1
+  # Batch-norm statistics in training: 'global' (over the global batch, one device's numbers) or 'device' (over each
+  # device's data shard, as PyTorch DataParallel in the official code; no per-layer all-reduce).
+  config.batch_norm_statistics = 'global'
   # On CPU, compile the steps with XLA's YNNPACK library fusions (about 1.7x faster here; docs/benchmarks.md).
   config.cpu_library_fusions = True
   # Persistent XLA compilation cache (a restart or resume skips the compiles): None = $XDG_CACHE_HOME/ffsd_jax/jax

@@ -45,6 +45,7 @@ FREE_KEYS = frozenset({
     'num_epochs', 'max_steps',  # Extending a run: the lr boundaries are absolute epochs, not fractions of the run.
     'data_dir', 'image_folder', 'data_cache_dir', 'num_data_workers',
     'distributed', 'cpu_library_fusions', 'allow_config_change',
+    'network_parallelism',  # The mesh shape: the same training; checkpoints hold each network (docs/architecture.md).
     'eval_batch_size',  # Eval-mode networks see each example independently of the batch it is in.
     'eval_top5',  # Read with config.get: adds top-5 metrics only.
     'skip_bad_images',  # Turning it on is how a run that stopped on a corrupt image continues.
@@ -57,15 +58,20 @@ OPTIMISATION_KEYS = frozenset({
     'learning_rate', 'decoder_learning_rate', 'lr_schedule', 'lr_boundaries', 'lr_decay', 'momentum',
     'weight_decay', 'fusion_weight_decay', 'decoder_weight_decay',
     'temperature', 'lambda_diversity', 'lambda_fusion', 'lambda_self_distillation', 'lambda_warmup_epochs',
-    'compute_dtype', 'normalization', 'image_size', 'eval_resize_size', 'synthetic_num_eval_examples',
+    'compute_dtype', 'batch_norm_statistics', 'normalization', 'image_size', 'eval_resize_size',
+    'synthetic_num_eval_examples',
     'kdcl_teacher', 'kdcl_kl_weight', 'kdcl_temperature', 'one_temperature', 'one_rampup_epochs',
     'pcl_temperature', 'pcl_ema_decay', 'pcl_rampup_epochs',
+    'okddip_temperature', 'okddip_kl_weight', 'okddip_rampup_epochs',
+    'mcl_contrast_temperature', 'mcl_temperature', 'mcl_vcl_weight', 'mcl_soft_vcl_weight', 'mcl_icl_weight',
+    'mcl_soft_icl_weight',
 })
 # Keys whose change is refused elsewhere, with its own message: the architecture (checkpointing.ARCHITECTURE_KEYS,
 # checked before any restore) and what the data iterator's state records (dataset name, global batch size, seed,
 # number of training examples; only the last one yields to allow_config_change, in the data iterator).
 CHECKED_ELSEWHERE_KEYS = frozenset({
     'model', 'method', 'num_students', 'num_classes', 'one_shared_stages', 'pcl_shared_stages',
+    'okddip_shared_stages', 'mcl_shared_stages', 'mcl_embedding_dim',
     'dataset', 'tfds_name', 'batch_size', 'seed', 'synthetic_num_train_examples',
 })
 FREE, OPTIMISATION, CHECKED_ELSEWHERE = 'free', 'optimisation', 'checked_elsewhere'
@@ -99,6 +105,7 @@ _NUM_CLASSES = {'cifar100': 100, 'cifar10': 10, 'imagenet2012': 1000}
 # Integer keys read with `config.get` (optional: None or absent means the code's default).
 _OPTIONAL_MIN_INTS = {
     'seed': (0, 'set --config.seed=0'),
+    'network_parallelism': (1, 'set --config.network_parallelism=1 (every network on every device)'),
     'num_data_workers': (-1, 'set --config.num_data_workers=-1 (the host\'s spare cores) or 0 (the main process)'),
     'synthetic_num_train_examples': (1, 'set --config.synthetic_num_train_examples=50000'),
     'synthetic_num_eval_examples': (1, 'set --config.synthetic_num_eval_examples=10000'),
@@ -198,6 +205,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   _choice(problems, config, 'lr_schedule', LR_SCHEDULES)
   _choice(problems, config, 'dataset', sources.ALL_DATASETS)
   _choice(problems, config, 'normalization', sorted(normalization.MEAN_STD), optional=True)
+  _choice(problems, config, 'batch_norm_statistics', BATCH_NORM_STATISTICS, optional=True)
 
   if method_ok:
     method = methods.method_class(config.get('method'))
@@ -205,6 +213,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     check_int('num_students', minimum, f'set --config.num_students=2 (method {config.get("method")!r} needs '
               f'>= {minimum})')
     problems.extend(method(config).check_config())
+    problems.extend(network_parallelism_problems(config, method(config)))
 
   classes = _NUM_CLASSES.get(config.get('dataset'))
   if config.get('num_classes') != 0 or config.get('dataset') == 'synthetic':  # 0: the dataset's own count.
@@ -235,6 +244,31 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
     value = config.get(key)
     if value is not None and not isinstance(value, bool):
       problems.append(_line(key, value, 'True or False', f'set --config.{key}=False'))
+  return problems
+
+
+BATCH_NORM_STATISTICS = ('global', 'device')
+
+
+def network_parallelism_problems(config: ml_collections.ConfigDict, method: methods.Method) -> list[str]:
+  """[] when `network_parallelism` and `batch_norm_statistics` fit the method's networks, else one line each saying
+  why, with the valid values."""
+  size = config.get('network_parallelism', 1)
+  names = method.stacked_networks()
+  problems = []
+  if config.get('batch_norm_statistics') == 'device' and not names:
+    problems.append(f"config.batch_norm_statistics='device': method {method.name!r} cannot run its networks in the "
+                    f"networks-parallel step that computes them ({method.network_parallel_refusal}); set "
+                    "--config.batch_norm_statistics=global.")
+  if not _is_int(size) or size <= 1:
+    return problems  # < 1 and non-integers are reported with the other integer keys.
+  if not names:
+    problems.append(f'config.network_parallelism={size}: method {method.name!r} cannot split its networks over '
+                    f'devices ({method.network_parallel_refusal}); set --config.network_parallelism=1.')
+  elif len(names) % size:
+    valid = ', '.join(str(d) for d in range(1, len(names) + 1) if len(names) % d == 0)
+    problems.append(f'config.network_parallelism={size}: must divide the {len(names)} networks of method '
+                    f'{method.name!r} ({", ".join(names)}); valid values: {valid}.')
   return problems
 
 

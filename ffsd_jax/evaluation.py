@@ -53,7 +53,7 @@ def run_eval(eval_fn: Callable[..., Any], variables: Any, setup: run_setup.RunSe
   batches = data_lib.create_eval_batches(setup.config, global_batch_size=setup.config.eval_batch_size,
                                         process_index=jax.process_index(), process_count=jax.process_count())
   for local_batch in batches:
-    out = eval_fn(variables, sharding.make_global_batch(local_batch, setup.mesh))
+    out = eval_fn(variables, sharding.make_global_batch(local_batch, setup.mesh, sharding.eval_batch_sharding))
     sums = out if sums is None else _add_sums(sums, out)
   return {k: float(v) for k, v in to_host(sums).items()}
 
@@ -103,7 +103,7 @@ def evaluate(config_or_setup: ml_collections.ConfigDict | run_setup.RunSetup, wo
     variables, step, path = _export_variables(setup, export_dir)
   config, mesh = setup.config, setup.mesh
   leader_eval = jax.jit(train_step_lib.make_leader_eval_step(config, setup.info.mean_std),
-                        in_shardings=(sharding.replicated_sharding(mesh), sharding.batch_sharding(mesh)),
+                        in_shardings=(sharding.replicated_sharding(mesh), sharding.eval_batch_sharding(mesh)),
                         out_shardings=sharding.replicated_sharding(mesh),
                         compiler_options=sharding.step_compiler_options(mesh, config))
   sums = run_eval(leader_eval, variables, setup)

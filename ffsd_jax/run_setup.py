@@ -46,32 +46,49 @@ class RunSetup:
     return self.method.deployed_network
 
 
-def check_batch_divides(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Fails with one line when the global batch does not split over the devices, naming the device counts that fit
-  the batch and a batch that fits the devices."""
+def check_batch_divides(config: ml_collections.ConfigDict, num_shards: int) -> None:
+  """Fails with one line when the global batch does not split over the data shards (devices / network_parallelism),
+  naming the shard counts that fit the batch and a batch that fits the shards."""
   batch = config.batch_size
-  if batch % num_devices == 0:
+  if batch % num_shards == 0:
     return
   fitting = ', '.join(str(d) for d in range(1, batch + 1) if batch % d == 0)
-  lower = max(num_devices, batch // num_devices * num_devices)
+  lower = max(num_shards, batch // num_shards * num_shards)
+  parallel = int(config.get('network_parallelism', 1) or 1)
+  what = (f'the number of devices ({num_shards})' if parallel == 1 else
+          f'the number of data shards ({num_shards} = devices / network_parallelism {parallel})')
   raise config_checks.ConfigError(
-      f'config.batch_size={batch} is not divisible by the number of devices ({num_devices}): the global batch is '
-      f'split evenly over them. Device counts that fit: {fitting} (select them with CUDA_VISIBLE_DEVICES, '
-      f'or --xla_force_host_platform_device_count on CPU). A new run can use a multiple of {num_devices}, e.g. '
-      f'--config.batch_size={lower}; to resume a run with another batch, see "Changing the device count" in '
-      'docs/reliability.md.')
+      f'config.batch_size={batch} is not divisible by {what}: the global batch is split evenly over them. '
+      f'{"Device" if parallel == 1 else "Data-shard"} counts that fit: {fitting} (select them with '
+      'CUDA_VISIBLE_DEVICES, or --xla_force_host_platform_device_count on CPU). A new run can use a multiple of '
+      f'{num_shards}, e.g. --config.batch_size={lower}; to resume a run with another batch, see "Changing the device '
+      'count" in docs/reliability.md.')
+
+
+def check_network_parallelism(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """`config.network_parallelism` after checking that it divides the device count (one line listing the values that
+  fit both the devices and the method's networks otherwise)."""
+  parallel = int(config.get('network_parallelism', 1) or 1)
+  if num_devices % parallel == 0:
+    return parallel
+  networks = len(methods.get_method(config).stacked_networks())
+  valid = ', '.join(str(d) for d in range(1, networks + 1) if networks % d == 0 and num_devices % d == 0)
+  raise config_checks.ConfigError(
+      f'config.network_parallelism={parallel} does not divide the {num_devices} devices (devices = data × '
+      f'networks); values that fit the devices and the {networks} networks: {valid}.')
 
 
 def create_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> jax.sharding.Mesh:
-  """The distributed runtime and the data-parallel mesh, after checking that the batch splits over it.
+  """The distributed runtime and the ('data', 'networks') mesh, after checking that the batch splits over it.
 
   `devices`: the mesh's devices (default: every device of the run; e.g. a compile-only target's, which needs no
   distributed runtime).
   """
   if devices is None:
     sharding.maybe_initialize_distributed(config)
-  mesh = sharding.create_mesh(devices)
-  check_batch_divides(config, mesh.devices.size)
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = sharding.create_mesh(devices, check_network_parallelism(config, len(devices)))
+  check_batch_divides(config, sharding.data_size(mesh))
   return mesh
 
 

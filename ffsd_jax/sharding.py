@@ -1,9 +1,11 @@
 """The device mesh, shardings and global batches built from per-process data.
 
-Data parallelism only: parameters and optimizer state are replicated on every device, the batch is sharded on the
-'data' axis, and one plain `jax.jit` with in/out shardings runs the whole FFSD step. There are no manual collectives:
-the compiler inserts the gradient all-reduce, and batch norm's mean/variance over the batch axis become global-batch
-statistics (the same numbers as one device with the whole batch).
+The mesh has two axes, devices = data × networks. The batch is sharded on 'data'. With `network_parallelism` = 1
+(the 'networks' axis has size 1) parameters and optimizer state are replicated on every device and one plain
+`jax.jit` with in/out shardings runs the whole step: the compiler inserts the gradient all-reduce, and batch norm's
+mean/variance over the batch axis become global-batch statistics (the same numbers as one device with the whole
+batch). With more, the method's networks are stacked and split over 'networks' and the step is a `shard_map`
+(ffsd_jax/network_parallel.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
 DATA_AXIS = 'data'
+NETWORKS_AXIS = 'networks'
 
 
 def maybe_initialize_distributed(config: Any = None) -> bool:
@@ -49,14 +52,21 @@ def maybe_initialize_distributed(config: Any = None) -> bool:
   return True
 
 
-def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh over all (or the given) devices with one 'data' axis.
+def create_mesh(devices: list[jax.Device] | None = None, network_parallelism: int = 1) -> jax.sharding.Mesh:
+  """The ('data', 'networks') mesh over all (or the given) devices; 'networks' has `network_parallelism` devices.
 
-  The axis type is given explicitly (Auto): the step is plain `jax.jit` with in/out shardings and the compiler
-  propagates the rest, so the model code needs no sharding annotations.
+  The axis types are given explicitly (Auto): the data-parallel step is plain `jax.jit` with in/out shardings and the
+  compiler propagates the rest, so the model code needs no sharding annotations.
   """
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  shape = (len(devices) // network_parallelism, network_parallelism)
+  return jax.make_mesh(shape, (DATA_AXIS, NETWORKS_AXIS), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+def data_size(mesh: jax.sharding.Mesh) -> int:
+  """The number of data shards of a batch (the 'data' axis size)."""
+  return int(mesh.shape[DATA_AXIS])
 
 
 def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -65,8 +75,13 @@ def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """The sharding of batches: the leading (batch) axis split over the 'data' axis."""
+  """The sharding of training batches: the leading (batch) axis split over the 'data' axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def eval_batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The sharding of evaluation batches: split over every device (evaluation runs on the replicated state)."""
+  return NamedSharding(mesh, P((DATA_AXIS, NETWORKS_AXIS)))
 
 
 def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, name: str = 'batch_size') -> int:
@@ -84,9 +99,12 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, name: str 
   return global_batch_size // jax.process_count()
 
 
-def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Assembles global batch-sharded arrays from this process's NumPy batch (every process reads its own shard)."""
-  sharding = batch_sharding(mesh)
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
+                      sharding_of: Callable[[jax.sharding.Mesh], NamedSharding] = batch_sharding
+                      ) -> dict[str, jax.Array]:
+  """Assembles global batch-sharded arrays from this process's NumPy batch (every process reads its own shard);
+  `sharding_of` gives the batch sharding (training batches by default, `eval_batch_sharding` for evaluation)."""
+  sharding = sharding_of(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 

@@ -264,6 +264,7 @@ def _start(setup: run_setup.RunSetup, workdir: str, stop_request: _StopRequest) 
       config, global_batch_size=config.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=config.seed)
   run = _Run(setup, workdir, stop_request, manager, best_manager, train_iter)
+  run.program = program_lib.build(setup)  # Nothing compiles yet; it gives the state's layout.
   try:
     _restore_or_initialise(run)
   except BaseException:
@@ -333,8 +334,9 @@ def _restore(run: _Run, latest: int) -> None:
   config_changes = config_checks.check_resume_config(
       saved_config, checkpointing.config_to_json(config), allow_change=bool(config.get('allow_config_change', False)),
       steps_per_epoch=setup.steps_per_epoch, checkpoint_step=latest)
-  run.state, iterator_state, run.loop_state = checkpointing.restore(run.manager, latest, setup.abstract_state, config)
-  inference.guard_restored_state(run.state, checkpointing.checkpoint_path(run.manager, latest))
+  state, iterator_state, run.loop_state = checkpointing.restore(run.manager, latest, setup.abstract_state, config)
+  inference.guard_restored_state(state, checkpointing.checkpoint_path(run.manager, latest))
+  run.state = run.program.from_canonical(state)  # Checkpoints hold the per-network layout, whatever the mesh.
   if iterator_state:
     run.train_iter.set_state(iterator_state)
   logging.info('Resuming from step %d in %s.', latest, run.workdir)
@@ -348,15 +350,16 @@ def _restore(run: _Run, latest: int) -> None:
 def _initialise(run: _Run) -> None:
   """A fresh train state (optionally with the leader from a trained one)."""
   config = run.config
-  run.state = sharding.init_replicated(run.setup.init_fn, run.setup.mesh)
+  state = sharding.init_replicated(run.setup.init_fn, run.setup.mesh)
   if config.get('init_leader_from'):
     # Fine-tuning or distilling from a trained leader; the optimizer state starts fresh.
     students = bool(config.get('init_students_from_leader'))
-    run.state = official.init_leader_from(run.state, config.init_leader_from, config.model, config.num_classes,
-                                          config.num_students, students=students)
+    state = official.init_leader_from(state, config.init_leader_from, config.model, config.num_classes,
+                                      config.num_students, students=students)
     if _is_leader_process():
       logging.info('Initialised the leader%s from %s; the optimizer state starts fresh.',
                    ' and the students' if students else '', config.init_leader_from)
+  run.state = run.program.from_canonical(state)
 
 
 def _write_run_record(run: _Run) -> None:
@@ -378,11 +381,10 @@ def _write_run_record(run: _Run) -> None:
 
 
 def _compile(run: _Run) -> None:
-  """Builds the training program (`program.build`) and compiles its train step now, saying so.
+  """Compiles the training program's train step now, saying so, and starts the device feed.
 
   Compiled here rather than at the first call (which reuses this executable), for XLA's cost analysis (the MFU).
   """
-  run.program = program_lib.build(run.setup)
   run.metric_sums = run.program.metric_sums(run.loop_state.get('metric_sums'))
   local_batch_size = run.config.batch_size // jax.process_count()
   run.feed = device_feed.DeviceFeed(
@@ -452,7 +454,9 @@ def _train(run: _Run) -> None:
     if (epoch_end and (run.step // setup.steps_per_epoch) % config.eval_every_epochs == 0
         or run.step == setup.total_steps):
       _evaluate(run)
-    run.preempted = run.stop_request.requested if jax.process_count() == 1 else agreed_preemption
+    # A stop that lands after the last step (during the final evaluation or save) is no preemption: the run is done.
+    stop = run.stop_request.requested if jax.process_count() == 1 else agreed_preemption
+    run.preempted = stop and run.step < setup.total_steps
     if run.step % config.checkpoint_every_steps == 0 or run.step == setup.total_steps or run.preempted:
       _save(run, run.manager)
     # Steps/s measure training only: the time spent evaluating and saving is left out (the ETA includes it).
@@ -526,7 +530,8 @@ def _evaluate(run: _Run) -> None:
   if not run.last_eval and _is_leader_process():
     logging.info('First evaluation (compiling the eval step) on %d test images...', setup.info.num_eval_examples)
   with_top5 = setup.info.num_classes >= 1000 or run.config.get('eval_top5', False)
-  run.last_eval = evaluation.eval_results(evaluation.run_eval(run.program.eval_step, run.state, setup), with_top5)
+  canonical = run.program.to_canonical(run.state)  # Evaluation and checkpoints take the per-network layout.
+  run.last_eval = evaluation.eval_results(evaluation.run_eval(run.program.eval_step, canonical, setup), with_top5)
   top1 = run.last_eval[f'eval/top1/{tracked}']
   run.best_top1 = top1 if run.best_top1 is None else max(run.best_top1, top1)
   epoch = run.step / setup.steps_per_epoch
@@ -539,7 +544,7 @@ def _evaluate(run: _Run) -> None:
                  tracked, run.last_eval.get(f'eval/loss/{tracked}', float('nan')), run.best_top1)
   if run.best_checkpoint_top1 is None or top1 > run.best_checkpoint_top1:
     run.best_checkpoint_top1, run.best_checkpoint_step = top1, run.step
-    _save(run, run.best_manager)
+    _save(run, run.best_manager, canonical)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -578,8 +583,11 @@ def _check_saves(run: _Run) -> None:
       raise _save_failure(run, manager, error) from None
 
 
-def _save(run: _Run, manager: ocp.CheckpointManager) -> None:
-  """Starts an asynchronous save of the state (never a non-finite one) with the loop state into `manager`."""
+def _save(run: _Run, manager: ocp.CheckpointManager, canonical: Any = None) -> None:
+  """Starts an asynchronous save of the state (never a non-finite one) with the loop state into `manager`.
+
+  `canonical`: the state already in the per-network layout (`TrainingProgram.to_canonical`), if the caller has it.
+  """
   window = _fetch_window(run)  # One host fetch: checked, then saved with the loop state.
   if run.window_steps:
     # Never save a NaN state: the unfinished logging window is checked too.
@@ -591,7 +599,8 @@ def _save(run: _Run, manager: ocp.CheckpointManager) -> None:
   loop = {'metric_sums': window, 'window_steps': run.window_steps, 'best_leader_top1': run.best_top1,
           'best_checkpoint_top1': run.best_checkpoint_top1, 'last_eval': run.last_eval}
   try:
-    checkpointing.save(manager, run.step, run.state,
+    canonical = run.program.to_canonical(run.state) if canonical is None else canonical
+    checkpointing.save(manager, run.step, canonical,
                        iterator_states=checkpointing.gather_iterator_states(run.feed.get_state()),
                        loop_state=loop, config=run.config)
   except checkpointing.CheckpointError:

@@ -162,29 +162,41 @@ def adam_coupled_l2(schedule: optax.Schedule, weight_decay: float) -> optax.Grad
                      optax.scale_by_learning_rate(schedule))
 
 
-def param_labels(method: methods.Method, params: Any) -> dict[str, Any]:
+def _group_of(method: methods.Method, key: str, stack: Any) -> str:
+  return stack.param_group(method, key) if stack is not None else method.param_group(key)
+
+
+def _optimizer_of(method: methods.Method, group: str, stack: Any) -> methods.GroupOptimizer:
+  return stack.group_optimizer(method, group) if stack is not None else method.group_optimizer(group)
+
+
+def param_labels(method: methods.Method, params: Any, stack: Any = None) -> dict[str, Any]:
   """The `multi_transform` labels: every leaf under a top-level key gets that key's loss group."""
-  return {key: jax.tree.map(lambda _, g=method.param_group(key): g, subtree) for key, subtree in params.items()}
+  return {key: jax.tree.map(lambda _, g=_group_of(method, key, stack): g, subtree) for key, subtree in params.items()}
 
 
 def create_optimizer(config: ml_collections.ConfigDict, params: Any, steps_per_epoch: int,
-                     method: methods.Method | None = None) -> optax.GradientTransformation:
-  """One optimizer per loss group present in `params` (`Method.group_optimizer`), combined with `multi_transform`."""
+                     method: methods.Method | None = None, stack: Any = None) -> optax.GradientTransformation:
+  """One optimizer per loss group present in `params` (`Method.group_optimizer`), combined with `multi_transform`.
+
+  `stack`: the `network_stack.NetworkStack` when `params` is in the stacked layout (its `networks` key is one group).
+  """
   method = method or methods.get_method(config)
   schedules = learning_rate_schedules(config, steps_per_epoch)
   transforms = {}
-  for group in sorted({method.param_group(key) for key in params}):
-    spec = method.group_optimizer(group)
+  for group in sorted({_group_of(method, key, stack) for key in params}):
+    spec = _optimizer_of(method, group, stack)
     if spec.kind == 'adam':
       transforms[group] = adam_coupled_l2(schedules[spec.schedule], spec.weight_decay)
     else:
       transforms[group] = sgd_coupled_l2(schedules[spec.schedule], config.momentum, spec.weight_decay)
-  return optax.multi_transform(transforms, lambda tree: param_labels(method, tree))
+  return optax.multi_transform(transforms, lambda tree: param_labels(method, tree, stack))
 
 
 def group_schedules(config: ml_collections.ConfigDict, params: Any,
                     method: methods.Method | None = None) -> tuple[str, ...]:
-  """The learning-rate schedules ('networks', 'decoders') that the loss groups of `params` use, sorted."""
+  """The learning-rate schedules ('networks', 'decoders') that the loss groups of `params` (canonical top-level keys)
+  use, sorted."""
   method = method or methods.get_method(config)
   return tuple(sorted({method.group_optimizer(method.param_group(key)).schedule for key in params}))
 

@@ -22,6 +22,7 @@ import optax
 
 from ffsd_jax import errors
 from ffsd_jax import methods
+from ffsd_jax import network_stack
 from ffsd_jax import state_guard
 from ffsd_jax.models import create_backbone
 from ffsd_jax.data.normalization import normalize_images
@@ -40,18 +41,52 @@ def _topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
   return jnp.any(indices == labels[:, None], axis=-1)
 
 
-def _group_norms(method: methods.Method, tree: Mapping[str, Any]) -> dict[str, jax.Array]:
+def _per_network_squares(tree: Mapping[str, Any], stack: network_stack.NetworkStack | None) -> dict[str, jax.Array]:
+  """The sum of squares of each canonical top-level key's leaves (a stacked tree's networks one by one)."""
+  squares = {}
+  for key, subtree in tree.items():
+    leaves = [jnp.square(leaf.astype(jnp.float32)) for leaf in jax.tree.leaves(subtree)]
+    if stack is not None and key == network_stack.STACK_KEY:
+      per_network = sum(jnp.sum(leaf.reshape(leaf.shape[0], -1), axis=1) for leaf in leaves)
+      squares.update({name: per_network[i] for i, name in enumerate(stack.names)})
+    else:
+      squares[key] = sum(jnp.sum(leaf) for leaf in leaves)
+  return squares
+
+
+def _group_norms(method: methods.Method, tree: Mapping[str, Any], stack: network_stack.NetworkStack | None = None
+                 ) -> dict[str, jax.Array]:
   """L2 norm of each loss group's leaves (for FFSD, the trans-fusion head counted with the leader)."""
   squares: dict[str, jax.Array] = {}
-  for key, subtree in tree.items():
+  for key, total in _per_network_squares(tree, stack).items():
     group = method.param_group(key)
-    total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(subtree))
     squares[group] = squares.get(group, 0.0) + total
   return {group: jnp.sqrt(value) for group, value in squares.items()}
 
 
+# (state, normalised images, labels) -> (gradients, new batch statistics, loss terms, logits by network, outputs).
+ForwardBackward = Callable[[TrainState, jax.Array, jax.Array], tuple[Any, Any, Metrics, Metrics, Any]]
+
+
+def single_program_forward_backward(model: Any, method: methods.Method, steps_per_epoch: int) -> ForwardBackward:
+  """Every forward pass and the gradient of the method's objective as one program (XLA splits the batch)."""
+
+  def forward_backward(state, images, labels):
+    def loss_fn(params):
+      outputs, batch_stats = method.apply_train(model, params, state.batch_stats, state.extra_state, images)
+      result = method.objective(outputs, labels, state.step, steps_per_epoch)
+      return result.total, (batch_stats, result.terms, method.network_logits(outputs), outputs)
+
+    (_, (batch_stats, terms, logits, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return grads, batch_stats, terms, logits, outputs
+
+  return forward_backward
+
+
 def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epoch: int,
-                    mean_std: tuple[tuple[float, ...], tuple[float, ...]], method: methods.Method | None = None
+                    mean_std: tuple[tuple[float, ...], tuple[float, ...]], method: methods.Method | None = None,
+                    forward_backward: ForwardBackward | None = None,
+                    stack: network_stack.NetworkStack | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds the pure training step for `config.method`.
 
@@ -61,6 +96,9 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     steps_per_epoch: optimizer steps per epoch (sets the λ warm-up epochs and the lr boundaries).
     mean_std: the dataset's normalisation constants.
     method: the run's method object (built from `config` when not given).
+    forward_backward: the forward and backward passes (default: `single_program_forward_backward`; the
+      networks-parallel step passes its `shard_map`).
+    stack: the `NetworkStack` of a state in the stacked layout (None: the canonical layout).
 
   Returns:
     `train_step(state, batch) -> (state, metrics)`, un-jitted. `batch` = {'image': uint8 NHWC, 'label': int32};
@@ -70,17 +108,12 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
   method = method or methods.get_method(config)
   dtype = compute_dtype(config)
   learning_rates = current_learning_rates(config, steps_per_epoch)
+  forward_backward = forward_backward or single_program_forward_backward(model, method, steps_per_epoch)
 
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     images = normalize_images(batch['image'], mean_std, dtype)
     labels = batch['label'].astype(jnp.int32)
-
-    def loss_fn(params):
-      outputs, batch_stats = method.apply_train(model, params, state.batch_stats, state.extra_state, images)
-      result = method.objective(outputs, labels, state.step, steps_per_epoch)
-      return result.total, (batch_stats, result.terms, method.network_logits(outputs), outputs)
-
-    (_, (batch_stats, terms, logits, outputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads, batch_stats, terms, logits, outputs = forward_backward(state, images, labels)
     new_state = state.apply_gradients(grads, batch_stats)
     new_state = new_state.replace(extra_state=method.update_extra_state(
         state.extra_state, new_state.params, new_state.batch_stats, new_state.step, outputs))
@@ -89,9 +122,11 @@ def make_train_step(model: Any, config: ml_collections.ConfigDict, steps_per_epo
     for name, z in logits.items():
       metrics[f'accuracy/{name}'] = jnp.mean(_top1_correct(z, labels).astype(jnp.float32))
     lrs = learning_rates(state.step)
+    network_keys = [key for key in grads if stack is None or key != network_stack.STACK_KEY]
+    network_keys += list(stack.names) if stack is not None else []
     metrics.update({f'learning_rate/{name}': lrs[f'learning_rate/{name}']
-                    for name in group_schedules(config, grads, method)})
-    grad_norms = _group_norms(method, grads)
+                    for name in group_schedules(config, network_keys, method)})
+    grad_norms = _group_norms(method, grads, stack)
     for group, norm in grad_norms.items():
       metrics[f'grad_norm/{group}'] = norm
     metrics['grad_norm'] = optax.tree.norm(grads)

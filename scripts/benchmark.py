@@ -5,6 +5,10 @@ and prints one line per measurement; with --output it also writes them as JSON. 
 time divided by the `--baseline` method's (default `independent`: FFSD's students and leader with cross-entropy
 alone) under the same dtype and batch size; for FFSD it is the FFSD overhead ratio.
 
+`--devices` and `--network_parallelism` time the same step on several mesh shapes in one run (devices = data ×
+networks; e.g. 1 device, the batch split over 3, and the networks split over 3), `--batch_norm_statistics` both
+batch-norm modes; every result records its mesh, its collectives by kind and the compiled memory per device.
+
 Data come from the synthetic source by default (compute-bound figures); `--data=real` feeds the configured real
 pipeline through the same loop, so input-bound figures are visible too.
 
@@ -15,6 +19,8 @@ Examples:
   python scripts/benchmark.py --config configs/cifar100_resnet32.py
   python scripts/benchmark.py --config configs/imagenet_resnet18.py --dtypes bfloat16 --batch_sizes 256 \
       --output /tmp/bench.json
+  XLA_FLAGS=--xla_force_host_platform_device_count=3 python scripts/benchmark.py \
+      --config configs/cifar100_resnet32.py --methods ffsd --dtypes float32 --devices 1,3 --network_parallelism 1,3
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per measurement (after w
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 _DATA = flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'], 'Where batches come from.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the measurements to this JSON file.')
+_DEVICES = flags.DEFINE_list('devices', None, 'Device counts to time on (the first N devices; default: all).')
+_NETWORK_PARALLELISM = flags.DEFINE_list('network_parallelism', ['1'], 'Sizes of the networks mesh axis to time '
+                                         '(each with every device count it divides).')
+_BATCH_NORM_STATISTICS = flags.DEFINE_list('batch_norm_statistics', ['global'], "'global' and/or 'device'.")
 # Checked while the flags are parsed, so a typo stops the run before anything compiles (one line, exit status 2).
 flags.register_validator('methods', lambda names: set(names) <= set(methods.method_names()),
                          f'--methods: each must be one of {", ".join(methods.method_names())}')
@@ -120,17 +130,30 @@ class CompiledStep:
     return times
 
 
-def compile_step(config, method: str, dtype: str, batch_size: int, data: str = 'synthetic') -> CompiledStep:
-  """Builds and compiles the training program for one setting (`data`: 'synthetic' or 'real')."""
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+  """The devices of one measurement: the first `devices` devices, `network_parallelism` of them per network group."""
+  devices: int
+  network_parallelism: int = 1
+  batch_norm_statistics: str = 'global'
+
+
+def compile_step(config, method: str, dtype: str, batch_size: int, data: str = 'synthetic',
+                 mesh: Mesh | None = None) -> CompiledStep:
+  """Builds and compiles the training program for one setting (`data`: 'synthetic' or 'real'; `mesh`: default every
+  device, data parallel)."""
+  mesh = mesh or Mesh(jax.device_count())
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.method = method
     config.compute_dtype = dtype
     config.batch_size = batch_size
+    config.network_parallelism = mesh.network_parallelism
+    config.batch_norm_statistics = mesh.batch_norm_statistics
   if data == 'synthetic':
     with config.unlocked():
       config.dataset = 'synthetic'
-  program = program_lib.build(run_setup.build(config))
+  program = program_lib.build(run_setup.build(config, devices=jax.devices()[:mesh.devices]))
   state = program.init_state()
   batches = _batches(program.setup.config, batch_size, program.setup.info, data)
   start = time.perf_counter()
@@ -140,12 +163,13 @@ def compile_step(config, method: str, dtype: str, batch_size: int, data: str = '
                       run_record.compiled_flops(compiled), program.compiler_options or {})
 
 
-def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
+def measure(config, method: str, dtype: str, batch_size: int, mesh: Mesh) -> dict[str, Any]:
   """Compiles and times the train step for one setting; returns the figures."""
-  step = compile_step(config, method, dtype, batch_size, _DATA.value)
+  step = compile_step(config, method, dtype, batch_size, _DATA.value, mesh)
+  num_devices = step.mesh.devices.size
   # XLA's cost analysis of a partitioned program counts the FLOPs of one device's share.
   flops_per_device = step.flops_per_device
-  flops = None if flops_per_device is None else flops_per_device * jax.device_count()
+  flops = None if flops_per_device is None else flops_per_device * num_devices
   step.run(1 + _WARMUP.value)  # The first call and the warm-up are not timed.
   times = step.run(_STEPS.value)
   config, compiler_options, compile_s = step.config, step.compiler_options, step.compile_s
@@ -156,10 +180,11 @@ def measure(config, method: str, dtype: str, batch_size: int) -> dict[str, Any]:
   compiled_memory = compiled_stats.memory_per_device(step.compiled)
   result = {
       'model': config.model, 'method': method, 'dtype': dtype, 'batch_size': batch_size, 'data': _DATA.value,
-      'num_devices': jax.device_count(), 'device_kind': device.device_kind,
+      'num_devices': num_devices, 'mesh': dict(step.mesh.shape), 'batch_norm_statistics': mesh.batch_norm_statistics,
+      'device_kind': device.device_kind,
       'compiler_options': compiler_options or {}, 'compile_s': compile_s,
       'step_s_median': median, 'step_s_min': min(times), 'step_s_max': max(times), 'timed_steps': len(times),
-      'images_per_s': batch_size / median, 'images_per_s_per_device': batch_size / median / jax.device_count(),
+      'images_per_s': batch_size / median, 'images_per_s_per_device': batch_size / median / num_devices,
       'step_gflops': None if flops is None else flops / 1e9,
       'achieved_tflops': None if flops is None else flops / median / 1e12,
       'peak_memory_gib': peak_memory / 2**30, 'peak_memory_source': memory_source,
@@ -190,31 +215,47 @@ def main(argv: list[str]) -> None:
     benchmark(_CONFIG.value)
 
 
+def _meshes() -> list[Mesh]:
+  """Every (device count, networks axis, batch-norm mode) asked for where the axis divides the devices."""
+  device_counts = [int(d) for d in (_DEVICES.value or [jax.device_count()])]
+  if any(not 1 <= d <= jax.device_count() for d in device_counts):
+    raise errors.UsageError(f'--devices={",".join(_DEVICES.value)}: each must lie in [1, {jax.device_count()}] (the '
+                            'devices this process sees; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N).')
+  return [Mesh(d, int(k), bn) for d in device_counts for k in _NETWORK_PARALLELISM.value
+          for bn in _BATCH_NORM_STATISTICS.value if d % int(k) == 0 and (bn == 'global' or d // int(k) > 1)]
+
+
 def benchmark(config) -> None:
-  """Measures every (dtype, batch size, method) asked for, printing each and the overhead ratios."""
+  """Measures every (dtype, batch size, mesh, method) asked for, printing each and the overhead ratios."""
   batch_sizes = [int(b) for b in (_BATCH_SIZES.value or [config.batch_size])]
   print(f'# jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, '
         f'python {platform.python_version()}, config model={config.model}, data={_DATA.value}', flush=True)
   results = []
   for dtype in _DTYPES.value:
     for batch_size in batch_sizes:
-      by_method = {}
-      for method in _METHODS.value:
-        result = measure(config, method, dtype, batch_size)
-        by_method[method] = result
-        results.append(result)
-        print(json.dumps(result), flush=True)
-        _write(results)
-      baseline = by_method.get(_BASELINE.value)
-      for method, result in by_method.items():
-        if baseline is None or method == _BASELINE.value:
-          continue
-        ratio = result['step_s_median'] / baseline['step_s_median']
-        result['overhead_ratio'] = ratio
-        print(f'# {config.model} {dtype} batch {batch_size}: {method} overhead ratio {ratio:.3f} '
-              f'({method} {result["step_s_median"]*1e3:.1f} ms, '
-              f'{_BASELINE.value} {baseline["step_s_median"]*1e3:.1f} ms)', flush=True)
+      for mesh in _meshes():
+        _measure_methods(config, dtype, batch_size, mesh, results)
   _write(results)
+
+
+def _measure_methods(config, dtype: str, batch_size: int, mesh: Mesh, results: list[dict[str, Any]]) -> None:
+  """Every method on one setting, then each one's overhead ratio against the baseline method."""
+  by_method = {}
+  for method in _METHODS.value:
+    result = measure(config, method, dtype, batch_size, mesh)
+    by_method[method] = result
+    results.append(result)
+    print(json.dumps(result), flush=True)
+    _write(results)
+  baseline = by_method.get(_BASELINE.value)
+  for method, result in by_method.items():
+    if baseline is None or method == _BASELINE.value:
+      continue
+    ratio = result['step_s_median'] / baseline['step_s_median']
+    result['overhead_ratio'] = ratio
+    print(f'# {config.model} {dtype} batch {batch_size} mesh {result["mesh"]}: {method} overhead ratio {ratio:.3f} '
+          f'({method} {result["step_s_median"]*1e3:.1f} ms, '
+          f'{_BASELINE.value} {baseline["step_s_median"]*1e3:.1f} ms)', flush=True)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,8 @@ A method answers six questions, and every other module asks it instead of testin
    is what `--mode eval` runs and `--mode export` writes.
 6. Does it keep extra state? `init_extra_state` / `update_extra_state` hold anything updated after each optimizer
    step, such as exponential-moving-average ("temporal mean") networks; it is saved and restored with the state.
+7. Can its networks run on devices of their own (`config.network_parallelism` > 1)? `stacked_networks` names its
+   same-architecture backbones that share no layer; `heads_model` is everything else, applied to their outputs.
 
 Register a subclass with `@register` (ffsd_jax/methods/__init__.py); `config.method` selects it.
 """
@@ -150,6 +152,21 @@ class Method(abc.ABC):
     """State kept beside the parameters and updated after every step (a pytree; empty by default)."""
     del params, batch_stats
     return {}
+
+  # 7. Networks parallelism (ffsd_jax/network_parallel.py).
+  network_parallel_refusal: ClassVar[str] = 'its networks share layers'
+
+  def stacked_networks(self) -> tuple[str, ...]:
+    """The top-level keys of the same-architecture backbones (`create_backbone(config.model)`, no shared layers, one
+    optimizer) that `config.network_parallelism` splits over devices, in stacking order; () when the method cannot
+    split its networks (`network_parallel_refusal` says why)."""
+    return ()
+
+  def heads_model(self, dtype: Any, norm: Any) -> nn.Module:
+    """The method's networks other than `stacked_networks`, as one module: `apply(variables, backbone_outputs)`
+    takes `{key: (logits, taps)}` of the stacked networks' train-mode passes and returns what `objective` takes.
+    Its top-level parameter keys are the method's other keys. `norm` is the batch-norm class to use."""
+    raise NotImplementedError(f'Method {self.name!r} does not split its networks: {self.network_parallel_refusal}.')
 
   def update_extra_state(self, extra_state: Any, params: Any, batch_stats: Any, step: jax.Array, outputs: Outputs
                          ) -> Any:

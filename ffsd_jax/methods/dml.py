@@ -7,27 +7,19 @@ decoders. There is no leader, so student_0 is deployed.
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
 
 from ffsd_jax import objective
 from ffsd_jax.methods import register
-from ffsd_jax.methods.base import Method
-from ffsd_jax.methods.ffsd import lambda_warmup, student_model_logits
-from ffsd_jax.models.ffsd import FFSDModel
+from ffsd_jax.methods.ffsd import StudentModelMethod, lambda_warmup
 
 
 @register
-class DML(Method):
+class DML(StudentModelMethod):
   """Deep mutual learning among the students; student_0 is deployed."""
   name = 'dml'
   min_students = 2
   deployed_network = 'student_0'
-
-  def build_model(self, dtype: Any) -> nn.Module:
-    return FFSDModel(backbone=self.config.model, num_classes=self.config.num_classes,
-                     num_students=self.config.num_students, with_leader=False, with_fusion=False, dtype=dtype)
+  with_leader = False
 
   def warmup_factor(self, step, steps_per_epoch):
     return lambda_warmup(self.config, step, steps_per_epoch)
@@ -40,5 +32,3 @@ class DML(Method):
     group_losses = {f'student_{i}': loss for i, loss in enumerate(student_losses)}
     return objective.finish_objective(group_losses, terms, warmup)
 
-  def network_logits(self, outputs):
-    return student_model_logits(outputs)

@@ -13,7 +13,7 @@ Loss groups and the top-level parameter keys each one trains (docs/method.md §8
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax.linen as nn
 import jax
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from ffsd_jax import objective
 from ffsd_jax.methods import register
 from ffsd_jax.methods.base import GroupOptimizer, Method
-from ffsd_jax.models.ffsd import FFSDModel
+from ffsd_jax.models.ffsd import FFSDHeads, FFSDModel
 
 
 def student_model_logits(outputs: Mapping[str, Any]) -> dict[str, jax.Array]:
@@ -46,16 +46,36 @@ def lambda_warmup(config: Any, step: jax.Array | int, steps_per_epoch: int) -> j
   return objective.lambda_scale(step, steps_per_epoch, int(config.lambda_warmup_epochs))
 
 
+class StudentModelMethod(Method):
+  """A method on `FFSDModel`'s networks: m students, optionally the leader and the fusion heads (FFSD, DML, KDCL,
+  independent training). The students and the leader are separate backbones, so they can be split over devices."""
+  with_leader: ClassVar[bool] = True
+  with_fusion: ClassVar[bool] = False
+
+  def build_model(self, dtype: Any) -> nn.Module:
+    return FFSDModel(backbone=self.config.model, num_classes=self.config.num_classes,
+                     num_students=self.config.num_students, with_leader=self.with_leader,
+                     with_fusion=self.with_fusion, dtype=dtype)
+
+  def stacked_networks(self) -> tuple[str, ...]:
+    students = tuple(f'student_{i}' for i in range(int(self.config.num_students)))
+    return students + (('leader',) if self.with_leader else ())
+
+  def heads_model(self, dtype: Any, norm: Any) -> nn.Module:
+    return FFSDHeads(backbone=self.config.model, num_classes=self.config.num_classes,
+                     num_students=self.config.num_students, with_fusion=self.with_fusion, dtype=dtype, norm=norm)
+
+  def network_logits(self, outputs):
+    return student_model_logits(outputs)
+
+
 @register
-class FFSD(Method):
+class FFSD(StudentModelMethod):
   """FFSD: students, leader, fusion module and decoders; the leader is deployed."""
   name = 'ffsd'
   min_students = 2
   deployed_network = 'leader'
-
-  def build_model(self, dtype: Any) -> nn.Module:
-    return FFSDModel(backbone=self.config.model, num_classes=self.config.num_classes,
-                     num_students=self.config.num_students, with_leader=True, with_fusion=True, dtype=dtype)
+  with_fusion = True
 
   def param_group(self, top_level_key: str) -> str:
     # The trans-fusion head is trained by the leader's loss and optimizer (docs/method.md §8.1).
@@ -74,9 +94,6 @@ class FFSD(Method):
   def objective(self, outputs, labels, step, steps_per_epoch):
     warmup = self.warmup_factor(step, steps_per_epoch)
     return ffsd_objective(outputs, labels, objective.LossWeights.from_config(self.config), warmup)
-
-  def network_logits(self, outputs):
-    return student_model_logits(outputs)
 
 
 def ffsd_objective(outputs: Mapping[str, Any], labels: jax.Array, weights: objective.LossWeights,

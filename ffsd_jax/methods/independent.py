@@ -6,27 +6,18 @@ leader has to beat. The leader is deployed.
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
 
 from ffsd_jax import objective
 from ffsd_jax.methods import register
-from ffsd_jax.methods.base import Method
-from ffsd_jax.methods.ffsd import lambda_warmup, student_model_logits
-from ffsd_jax.models.ffsd import FFSDModel
+from ffsd_jax.methods.ffsd import StudentModelMethod, lambda_warmup
 
 
 @register
-class Independent(Method):
+class Independent(StudentModelMethod):
   """The students and the leader trained alone; the leader is deployed."""
   name = 'independent'
   min_students = 1
   deployed_network = 'leader'
-
-  def build_model(self, dtype: Any) -> nn.Module:
-    return FFSDModel(backbone=self.config.model, num_classes=self.config.num_classes,
-                     num_students=self.config.num_students, with_leader=True, with_fusion=False, dtype=dtype)
 
   def warmup_factor(self, step, steps_per_epoch):
     return lambda_warmup(self.config, step, steps_per_epoch)
@@ -41,5 +32,3 @@ class Independent(Method):
     group_losses['leader'] = terms['leader/ce']
     return objective.finish_objective(group_losses, terms, warmup)
 
-  def network_logits(self, outputs):
-    return student_model_logits(outputs)

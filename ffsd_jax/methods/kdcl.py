@@ -22,17 +22,15 @@ paper's other teachers (KDCL-Linear, KDCL-General) and its per-network input dis
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ffsd_jax import objective
 from ffsd_jax.methods import register
-from ffsd_jax.methods.base import Method, number_problems
-from ffsd_jax.methods.ffsd import student_model_logits
-from ffsd_jax.models.ffsd import FFSDModel
+from ffsd_jax.methods.base import number_problems
+from ffsd_jax.methods.ffsd import StudentModelMethod
 
 TEACHERS = ('minlogit', 'naive')
 
@@ -74,15 +72,12 @@ def kdcl_losses(logits: Sequence[jax.Array], labels: jax.Array, teacher: str, te
 
 
 @register
-class KDCL(Method):
+class KDCL(StudentModelMethod):
   """KDCL: m independent networks distilled from an ensemble of their logits; student_0 is deployed."""
   name = 'kdcl'
   min_students = 2
   deployed_network = 'student_0'
-
-  def build_model(self, dtype: Any) -> nn.Module:
-    return FFSDModel(backbone=self.config.model, num_classes=self.config.num_classes,
-                     num_students=self.config.num_students, with_leader=False, with_fusion=False, dtype=dtype)
+  with_leader = False
 
   def check_config(self) -> list[str]:
     problems = []
@@ -102,5 +97,3 @@ class KDCL(Method):
     # KDCL has no warm-up: 'lambda_scale' is reported as 1.
     return objective.finish_objective(group_losses, terms, self.warmup_factor(step, steps_per_epoch))
 
-  def network_logits(self, outputs):
-    return student_model_logits(outputs)

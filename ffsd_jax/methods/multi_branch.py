@@ -94,6 +94,7 @@ class MultiBranchMethod(Method):
   `<key_prefix>_rampup_epochs` (the ramp-up of `rampup_weight`, reported as 'lambda_scale').
   """
   key_prefix: ClassVar[str]
+  network_parallel_refusal = 'its branches share the trunk, so they are not separate networks'
 
   def shared_stages(self) -> int:
     """The trunk's number of stages."""

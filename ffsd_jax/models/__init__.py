@@ -150,7 +150,7 @@ def get_spec(name: str) -> BackboneSpec:
 
 
 def create_backbone(model: str, num_classes: int, dtype: Any = jnp.float32, name: str | None = None,
-                    stages: Sequence[int] | None = None) -> nn.Module:
+                    stages: Sequence[int] | None = None, norm: Any = None) -> nn.Module:
   """Build a backbone module, or a contiguous range of its stages.
 
   Args:
@@ -162,6 +162,8 @@ def create_backbone(model: str, num_classes: int, dtype: Any = jnp.float32, name
       stop−1 only. Such a module takes images when start == 0, else tap start−1 of the full network; it returns
       `(logits, taps)` when stop == num_taps, else `(features, taps)` (features == taps[-1]); taps are its own stages'
       taps; its variables have the full network's names (see `merge_stage_variables`).
+    norm: the batch-norm module class (default `nn.BatchNorm`); the networks-parallel step passes one with
+      `axis_name='data'` for statistics over the global batch.
 
   Returns:
     The module; `module.apply(variables, inputs, train=...)` returns `(logits or features, taps)`.
@@ -174,7 +176,8 @@ def create_backbone(model: str, num_classes: int, dtype: Any = jnp.float32, name
     raise ValueError(f'num_classes must be a positive int; got {num_classes!r}.')
   if stages is not None:
     stages = layers.stage_range(stages, spec.num_taps, spec.name)
-  return spec.builder(num_classes=num_classes, dtype=dtype, name=name, stages=stages)
+  extra = {} if norm is None else {'norm': norm}
+  return spec.builder(num_classes=num_classes, dtype=dtype, name=name, stages=stages, **extra)
 
 
 def merge_stage_variables(*parts: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

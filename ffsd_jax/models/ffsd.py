@@ -14,7 +14,8 @@ last tap to produce the reconstructions that train them (which updates their run
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -72,53 +73,25 @@ class FFSDModel(nn.Module):
     if images.ndim != 4:
       raise ValueError(f'FFSDModel expects NHWC images (B, H, W, 3); got shape {tuple(images.shape)}.')
     spec.check_input_size(images.shape[1], images.shape[2])
-    channels, m = spec.fusion_channels, self.num_students
+    m = self.num_students
 
     # Submodules, explicitly named so the tree keys are the contract's.
     students = [create_backbone(spec.name, self.num_classes, self.dtype, name=f'student_{i}') for i in range(m)]
     leader = create_backbone(spec.name, self.num_classes, self.dtype, name='leader') if self.with_leader else None
-    if self.with_fusion:
-      trans_fusion = TransFusionHead(channels, m, dtype=self.dtype, name='trans_fusion')
-      fusion = FusionModule(channels, m, self.num_classes, dtype=self.dtype, name='fusion')
-      student_decoders = [SelfDistillationDecoder(spec.decoder_channels, dtype=self.dtype, name=f'decoder_{i}')
-                          for i in range(1, m)]
-      leader_decoder = SelfDistillationDecoder(spec.decoder_channels, dtype=self.dtype, name='decoder_leader')
+    heads = HeadModules.build(spec, m, self.num_classes, self.dtype) if self.with_fusion else None
 
     if not train and not self.is_initializing():
-      return self._evaluate(images, students, leader, fusion if self.with_fusion else None)
+      return self._evaluate(images, students, leader, heads.fusion if heads is not None else None)
 
-    out: dict[str, Any] = {}
-    # 1. The leader (train mode) and its trans-fusion head.
+    # 1. The leader (train mode), then 2. the students (train mode).
+    named = {}
     if leader is not None:
-      out['leader_logits'], out['leader_taps'] = leader(images, train=True)
-      if self.with_fusion:
-        out['trans_fusion'] = trans_fusion(out['leader_taps'][-1], train=True)
-    # 2. The students (train mode).
-    student_outputs = [student(images, train=True) for student in students]
-    out['student_logits'] = tuple(logits for logits, _ in student_outputs)
-    out['student_taps'] = tuple(taps for _, taps in student_outputs)
-    if not self.with_fusion:
+      named['leader'] = leader(images, train=True)
+    named.update({f'student_{i}': student(images, train=True) for i, student in enumerate(students)})
+    out = backbone_outputs(named, m)
+    if heads is None:
       return out
-
-    # 3. The fusion module on Z = concat(sg(f_i^last)), in student order.
-    last_taps = [jax.lax.stop_gradient(taps[-1]) for taps in out['student_taps']]
-    out['fusion_input'] = jnp.concatenate(last_taps, axis=-1)
-    out['fusion_logits'], out['fused'] = fusion(out['fusion_input'], train=True)
-
-    # 4. Eval-mode decoder passes first, so they read the running statistics from before this step.
-    out['student_sd_targets'] = tuple(
-        jax.lax.stop_gradient(decoder(diversity_shifted_feature(last_taps[i - 1]), train=False))
-        for i, decoder in enumerate(student_decoders, start=1))
-    out['leader_sd_targets'] = jax.lax.stop_gradient(
-        leader_decoder(jax.lax.stop_gradient(out['fused']), train=False))
-
-    # 5. Train-mode decoder passes on each network's own detached last tap (these update the running statistics).
-    out['student_reconstructions'] = tuple(decoder(last_taps[i], train=True)
-                                           for i, decoder in enumerate(student_decoders, start=1))
-    out['leader_reconstructions'] = leader_decoder(jax.lax.stop_gradient(out['leader_taps'][-1]), train=True)
-
-    self._check_decoder_shapes(out)
-    return out
+    return heads.outputs(out)
 
   def _evaluate(self, images, students, leader, fusion) -> dict[str, Any]:
     """Eval-mode logits only: students, leader, and fusion on the students' eval-mode last taps."""
@@ -131,20 +104,121 @@ class FFSDModel(nn.Module):
       out['fusion_logits'], _ = fusion(fusion_input, train=False)
     return out
 
-  @staticmethod
-  def _check_decoder_shapes(out: dict[str, Any]) -> None:
-    # Static shapes: a mismatch is a registry bug, reported in Python rather than deep inside the loss.
-    def check(outputs, taps, what):
-      expected = [tuple(t.shape) for t in taps[:-1]]
-      got = [tuple(o.shape) for o in outputs]
-      if expected != got:
-        raise ValueError(f'{what} outputs {got} do not match the taps they rebuild {expected}; the backbone spec\'s '
-                         'decoder_channels or tap sizes are wrong.')
 
-    for i, reconstruction in enumerate(out['student_reconstructions'], start=1):
-      check(reconstruction, out['student_taps'][i], f'decoder_{i}')
-    check(out['leader_reconstructions'], out['leader_taps'], 'decoder_leader')
+def backbone_outputs(named: Mapping[str, tuple[jax.Array, Sequence[jax.Array]]], num_students: int
+                     ) -> dict[str, Any]:
+  """The backbone part of the train-mode output dict from each network's `(logits, taps)`, by tree key.
 
+  Args:
+    named: `student_0 … student_{m-1}` and, where built, `leader`, each the `(logits, taps)` of its backbone.
+    num_students: m.
+
+  Returns:
+    `student_logits`, `student_taps` (tuples in student order) and, with a leader, `leader_logits`, `leader_taps`.
+  """
+  out: dict[str, Any] = {}
+  if 'leader' in named:
+    out['leader_logits'], out['leader_taps'] = named['leader']
+  out['student_logits'] = tuple(named[f'student_{i}'][0] for i in range(num_students))
+  out['student_taps'] = tuple(named[f'student_{i}'][1] for i in range(num_students))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadModules:
+  """FFSD's small heads as (bound or unbound) module instances: trans-fusion, fusion and the decoders.
+
+  `FFSDModel` builds them as its own submodules; `FFSDHeads` builds the same ones alone, for the
+  networks-parallel step (ffsd_jax/network_parallel.py), which runs the backbones one per device group and the heads
+  on the gathered backbone outputs. `outputs` is the one definition of what the heads compute.
+  """
+  trans_fusion: nn.Module
+  fusion: nn.Module
+  student_decoders: tuple[nn.Module, ...]  # decoder_1 … decoder_{m-1}
+  leader_decoder: nn.Module
+
+  @classmethod
+  def build(cls, spec: Any, num_students: int, num_classes: int, dtype: Any, norm: Any = nn.BatchNorm
+            ) -> 'HeadModules':
+    """The heads, named as the contract's top-level keys (call inside a compact `__call__`)."""
+    channels = spec.fusion_channels
+    return cls(
+        trans_fusion=TransFusionHead(channels, num_students, dtype=dtype, norm=norm, name='trans_fusion'),
+        fusion=FusionModule(channels, num_students, num_classes, dtype=dtype, norm=norm, name='fusion'),
+        student_decoders=tuple(SelfDistillationDecoder(spec.decoder_channels, dtype=dtype, norm=norm,
+                                                       name=f'decoder_{i}') for i in range(1, num_students)),
+        leader_decoder=SelfDistillationDecoder(spec.decoder_channels, dtype=dtype, norm=norm, name='decoder_leader'))
+
+  def outputs(self, backbone_out: Mapping[str, Any]) -> dict[str, Any]:
+    """The train-mode output dict: `backbone_out` (`backbone_outputs`) plus every head's output."""
+    out = dict(backbone_out)
+    out['trans_fusion'] = self.trans_fusion(out['leader_taps'][-1], train=True)
+
+    # 3. The fusion module on Z = concat(sg(f_i^last)), in student order.
+    last_taps = [jax.lax.stop_gradient(taps[-1]) for taps in out['student_taps']]
+    out['fusion_input'] = jnp.concatenate(last_taps, axis=-1)
+    out['fusion_logits'], out['fused'] = self.fusion(out['fusion_input'], train=True)
+
+    # 4. Eval-mode decoder passes first, so they read the running statistics from before this step.
+    out['student_sd_targets'] = tuple(
+        jax.lax.stop_gradient(decoder(diversity_shifted_feature(last_taps[i - 1]), train=False))
+        for i, decoder in enumerate(self.student_decoders, start=1))
+    out['leader_sd_targets'] = jax.lax.stop_gradient(
+        self.leader_decoder(jax.lax.stop_gradient(out['fused']), train=False))
+
+    # 5. Train-mode decoder passes on each network's own detached last tap (these update the running statistics).
+    out['student_reconstructions'] = tuple(decoder(last_taps[i], train=True)
+                                           for i, decoder in enumerate(self.student_decoders, start=1))
+    out['leader_reconstructions'] = self.leader_decoder(jax.lax.stop_gradient(out['leader_taps'][-1]), train=True)
+
+    _check_decoder_shapes(out)
+    return out
+
+
+class FFSDHeads(nn.Module):
+  """Everything of an `FFSDModel` but its backbones, applied to their train-mode outputs.
+
+  The networks-parallel step (ffsd_jax/network_parallel.py) runs the backbones on devices of their own and this module
+  on their gathered outputs. Its top-level parameter keys are FFSDModel's other keys: `trans_fusion`, `fusion` and
+  the decoders with the fusion, none without.
+
+  Attributes:
+    backbone: registry name of the students' and leader's backbone.
+    num_classes: classifier width.
+    num_students: m.
+    with_fusion: build the heads (FFSD); without them the module only arranges the backbone outputs.
+    dtype: compute dtype.
+    norm: the batch-norm class (with `axis_name` for statistics over the global batch under `shard_map`).
+  """
+  backbone: str
+  num_classes: int
+  num_students: int
+  with_fusion: bool = True
+  dtype: Any = jnp.float32
+  norm: Any = nn.BatchNorm
+
+  @nn.compact
+  def __call__(self, named: Mapping[str, tuple[jax.Array, Sequence[jax.Array]]]) -> dict[str, Any]:
+    """`named`: each backbone's `(logits, taps)` by tree key; returns FFSDModel's train-mode output dict."""
+    out = backbone_outputs(named, self.num_students)
+    if not self.with_fusion:
+      return out
+    heads = HeadModules.build(get_spec(self.backbone), self.num_students, self.num_classes, self.dtype, self.norm)
+    return heads.outputs(out)
+
+
+def _check_decoder_shapes(out: Mapping[str, Any]) -> None:
+  """Static shapes: a mismatch is a registry bug, reported in Python rather than deep inside the loss."""
+  def check(outputs, taps, what):
+    expected = [tuple(t.shape) for t in taps[:-1]]
+    got = [tuple(o.shape) for o in outputs]
+    if expected != got:
+      raise ValueError(f'{what} outputs {got} do not match the taps they rebuild {expected}; the backbone spec\'s '
+                       'decoder_channels or tap sizes are wrong.')
+
+  for i, reconstruction in enumerate(out['student_reconstructions'], start=1):
+    check(reconstruction, out['student_taps'][i], f'decoder_{i}')
+  check(out['leader_reconstructions'], out['leader_taps'], 'decoder_leader')
 
 def leader_variables(variables: dict[str, Any]) -> dict[str, Any]:
   """The leader's own variables, to apply to `create_backbone(backbone, num_classes)` alone.
