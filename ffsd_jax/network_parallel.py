@@ -65,8 +65,11 @@ def make_forward_backward(setup: Any, stack: network_stack.NetworkStack):
   """
   config, method, mesh = setup.config, setup.method, setup.mesh
   dtype = compute_dtype(config)
-  global_statistics = config.get('batch_norm_statistics', 'global') == 'global'
+  # Over one data shard both modes are the same statistics: no collective (XLA keeps even 1-device all-reduces).
+  data_shards = sharding.data_size(mesh)
+  global_statistics = config.get('batch_norm_statistics', 'global') == 'global' and data_shards > 1
   norm = functools.partial(nn.BatchNorm, axis_name=DATA) if global_statistics else nn.BatchNorm
+  average = (lambda tree: lax.pmean(tree, DATA)) if data_shards > 1 else (lambda tree: tree)
   backbone = create_backbone(config.model, config.num_classes, dtype, norm=norm)
   heads = method.heads_model(dtype, norm)
   per_device = len(stack.names) // int(mesh.shape[NETWORKS])
@@ -92,9 +95,9 @@ def make_forward_backward(setup: Any, stack: network_stack.NetworkStack):
     (_, (new_stats, new_head_stats, terms, logits)), (stacked_grads, head_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(stacked_params, head_params)
     # Each data shard's loss is the mean over its examples, so the global batch's is their mean.
-    stacked_grads, head_grads, terms = lax.pmean((stacked_grads, head_grads, terms), DATA)
+    stacked_grads, head_grads, terms = average((stacked_grads, head_grads, terms))
     if not global_statistics:  # Per-shard running statistics: keep their mean, one all-reduce at the end.
-      new_stats, new_head_stats = lax.pmean((new_stats, new_head_stats), DATA)
+      new_stats, new_head_stats = average((new_stats, new_head_stats))
     return stacked_grads, head_grads, new_stats, new_head_stats, terms, logits
 
   split, replicated, data = P(NETWORKS), P(), P(DATA)

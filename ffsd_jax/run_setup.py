@@ -69,6 +69,11 @@ def check_network_parallelism(config: ml_collections.ConfigDict, num_devices: in
   """`config.network_parallelism` after checking that it divides the device count (one line listing the values that
   fit both the devices and the method's networks otherwise)."""
   parallel = int(config.get('network_parallelism', 1) or 1)
+  if jax.process_count() > 1 and jax.local_device_count() % parallel:
+    # Each host then holds whole groups of networks and a share of the data shards in proportion to its devices.
+    raise config_checks.ConfigError(
+        f'config.network_parallelism={parallel} does not divide the {jax.local_device_count()} devices of each host; '
+        'on several hosts a networks group must lie within one host. Use a divisor of the devices per host.')
   if num_devices % parallel == 0:
     return parallel
   networks = len(methods.get_method(config).stacked_networks())

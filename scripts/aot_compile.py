@@ -313,7 +313,7 @@ def report(target: Target, step: CompiledStep) -> dict[str, Any]:
       'processes': len({device.process_index for device in devices}),
       'mesh_shape': dict(mesh.shape),
       'model': config.model, 'method': config.method, 'compute_dtype': config.compute_dtype,
-      'batch_size': config.batch_size, 'batch_per_device': config.batch_size // len(devices),
+      'batch_size': config.batch_size, 'batch_per_device': config.batch_size // int(mesh.shape['data']),
       'lower_s': round(step.lower_s, 2), 'compile_s': round(step.compile_s, 2),
       'memory_per_device': memory, 'memory_capacity_per_device_bytes': capacity, 'fits': fits,
       'flops_per_device': flops, 'flops_source': flops_source,

@@ -234,6 +234,10 @@ def benchmark(config) -> None:
   for dtype in _DTYPES.value:
     for batch_size in batch_sizes:
       for mesh in _meshes():
+        if batch_size % (mesh.devices // mesh.network_parallelism):
+          print(f'# skipped: batch {batch_size} does not split over the {mesh.devices // mesh.network_parallelism} '
+                f'data shards of {mesh}', flush=True)
+          continue
         _measure_methods(config, dtype, batch_size, mesh, results)
   _write(results)
 

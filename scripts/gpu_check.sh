@@ -9,8 +9,8 @@
 # On the GPU machine (Python 3.12, jax 0.11 with CUDA, no network), from the repository root:
 #   OUT=/some/dir bash scripts/gpu_check.sh
 # What it measures goes under $OUT (at most 8 files come back from the device tool): summary.txt, versions.txt,
-# bench_resnet32.json, bench_resnet18.json, compare_official.json, tests.log, and details.tar.gz (every log,
-# metrics.jsonl, summary.json).
+# bench_resnet32.json, bench_resnet18.json, bench_mesh.json (several GPUs only), compare_official.json, tests.log, and
+# details.tar.gz (every log, metrics.jsonl, summary.json).
 #
 # Budget: GPU_CHECK_BUDGET_S (default 450 s) for the whole script. TINY=1 shrinks every size so the script can be
 # checked end to end on a CPU in a few minutes.
@@ -58,6 +58,7 @@ log "setup done"
 
 if [ -n "${TINY:-}" ]; then
   r32=(--config configs/smoke.py --batch_sizes 16,32 --steps 3 --warmup 1)
+  mesh=(--config configs/smoke.py --dtypes float32 --batch_sizes 24 --steps 3 --warmup 1)
   # The official part on the CPU (torch here is the CPU wheel): one small A/B round.
   compare=(--device cpu --configs resnet32 --batch_size 16 --rounds 1 --steps 2 --warmup 1)
   r18=(--config configs/smoke.py --config.model=resnet_imagenet_tiny --config.image_size=64 --dtypes bfloat16
@@ -66,6 +67,7 @@ if [ -n "${TINY:-}" ]; then
   train_overrides=(--config.model=resnet8_tiny --config.num_epochs=1 --config.max_steps=20 --config.eval_batch_size=500)
 else
   r32=(--config configs/cifar100_resnet32.py --batch_sizes 128,512 --steps 20 --warmup 3)
+  mesh=(--config configs/cifar100_resnet32.py --dtypes bfloat16 --batch_sizes 384 --steps 20 --warmup 3)
   compare=(--device cuda --configs resnet32,resnet32:bfloat16,wrn16_2,densenet40 --rounds 3 --steps 10 --warmup 3)
   r18=(--config configs/imagenet_resnet18.py --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 3)
   test_args=(tests)
@@ -77,6 +79,17 @@ timeout $(( $(left) > 240 ? 240 : $(left) )) python3 scripts/benchmark.py "${r32
   > "$DETAILS/bench_resnet32.log" 2>&1; log "bench resnet32 rc=$?"; grep '^#' "$DETAILS/bench_resnet32.log" | tee -a "$OUT/summary.txt"
 timeout $(( $(left) > 120 ? 120 : $(left) )) python3 scripts/benchmark.py "${r18[@]}" --output "$OUT/bench_resnet18.json" \
   > "$DETAILS/bench_resnet18.log" 2>&1; log "bench resnet18 rc=$?"; grep '^#' "$DETAILS/bench_resnet18.log" | tee -a "$OUT/summary.txt"
+
+# 2a. Several GPUs: the same FFSD step on one GPU, with the batch split over 3, and with the networks split over 3
+# (each with global and per-device batch norm). One GPU cannot show it: recorded as such.
+num_gpus=$(python3 -c 'import jax; print(jax.device_count())' 2>/dev/null || echo 1)
+if [ "$num_gpus" -ge 3 ]; then
+  timeout $(( $(left) > 180 ? 180 : $(left) )) python3 scripts/benchmark.py "${mesh[@]}" --methods ffsd --devices 1,3 \
+    --network_parallelism 1,3 --batch_norm_statistics global,device --output "$OUT/bench_mesh.json" \
+    > "$DETAILS/bench_mesh.log" 2>&1; log "bench mesh rc=$?"; grep '^#' "$DETAILS/bench_mesh.log" | tee -a "$OUT/summary.txt"
+else
+  log "bench mesh skipped: $num_gpus device(s); the networks-split A/B needs 3 (FFSD's 3 networks)"
+fi
 
 # 2b. The official PyTorch iteration (SJLeo/FFSD's own Trainer.train_with_test) against the FFSD step, A/B in one run.
 official_src=${OFFICIAL_SRC:-.gpu_data/ffsd_official}

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from ffsd_jax import compiled_stats
 from ffsd_jax import config_checks
 from ffsd_jax import evaluation
 from ffsd_jax import export
@@ -99,6 +100,14 @@ def test_mesh_shapes_train_what_one_device_trains(method, num_students, data, ne
     leaf = program.abstract_state.params[network_stack.STACK_KEY]['conv1']['kernel']
     assert leaf.shape[0] == num_students + (method == 'ffsd')
     assert leaf.sharding.spec == jax.sharding.PartitionSpec('networks')
+  if (data, networks) == (1, 3):
+    # Only the outputs cross devices (the last taps and logits for FFSD): no all-reduce at all, so no batch-norm one.
+    jax.config.update('jax_disable_most_optimizations', False)
+    try:
+      collectives = compiled_stats.collectives(program.lower().compile())
+    finally:
+      jax.config.update('jax_disable_most_optimizations', True)
+    assert collectives['all-reduce'] == 0 and collectives['all-gather'] == 4, collectives
   _assert_states_close(state, expected_state)
   # The steps changed the parameters, so agreement is not trivial.
   assert int(state.step) == STEPS

@@ -83,15 +83,17 @@ class FFSDModel(nn.Module):
     if not train and not self.is_initializing():
       return self._evaluate(images, students, leader, heads.fusion if heads is not None else None)
 
-    # 1. The leader (train mode), then 2. the students (train mode).
-    named = {}
+    # 1. The leader (train mode) and its trans-fusion head, then 2. the students (train mode): the official order.
+    named, trans_fusion = {}, None
     if leader is not None:
       named['leader'] = leader(images, train=True)
+      if heads is not None:
+        trans_fusion = heads.trans_fusion(named['leader'][1][-1], train=True)
     named.update({f'student_{i}': student(images, train=True) for i, student in enumerate(students)})
     out = backbone_outputs(named, m)
     if heads is None:
       return out
-    return heads.outputs(out)
+    return heads.outputs(out, trans_fusion)
 
   def _evaluate(self, images, students, leader, fusion) -> dict[str, Any]:
     """Eval-mode logits only: students, leader, and fusion on the students' eval-mode last taps."""
@@ -149,10 +151,12 @@ class HeadModules:
                                                        name=f'decoder_{i}') for i in range(1, num_students)),
         leader_decoder=SelfDistillationDecoder(spec.decoder_channels, dtype=dtype, norm=norm, name='decoder_leader'))
 
-  def outputs(self, backbone_out: Mapping[str, Any]) -> dict[str, Any]:
-    """The train-mode output dict: `backbone_out` (`backbone_outputs`) plus every head's output."""
+  def outputs(self, backbone_out: Mapping[str, Any], trans_fusion: jax.Array | None = None) -> dict[str, Any]:
+    """The train-mode output dict: `backbone_out` (`backbone_outputs`) plus every head's output (`trans_fusion`:
+    the trans-fusion head's output when the caller has run it already)."""
     out = dict(backbone_out)
-    out['trans_fusion'] = self.trans_fusion(out['leader_taps'][-1], train=True)
+    out['trans_fusion'] = (self.trans_fusion(out['leader_taps'][-1], train=True) if trans_fusion is None
+                           else trans_fusion)
 
     # 3. The fusion module on Z = concat(sg(f_i^last)), in student order.
     last_taps = [jax.lax.stop_gradient(taps[-1]) for taps in out['student_taps']]
