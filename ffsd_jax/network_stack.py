@@ -101,42 +101,39 @@ class NetworkStack:
   # Whole train states.
   def stack_state(self, state: Any, tx: optax.GradientTransformation) -> Any:
     """A canonical train state in the stacked layout, with `tx` (the stacked layout's optimizer)."""
-    params = self.stack(state.params)
-    target = jax.eval_shape(tx.init, params)
-    source = _opt_leaves(state.opt_state)
-    source_groups = {group for group, _, _ in source}
 
-    def value(group: str, slot: _Key, path: _Key) -> Any:
+    def value(source, source_groups, group: str, slot: _Key, path: _Key) -> Any:
       if not path:  # A per-group scalar (a step count): every group counts the same steps.
         return source[(group if group in source_groups else self.canonical_group[self.names[0]], slot, ())]
       if path[0] == STACK_KEY:
         return jnp.stack([source[(self.canonical_group[name], slot, (name,) + path[1:])] for name in self.names])
       return source[(group, slot, path)]
 
-    return state.replace(params=params, batch_stats=self.stack(state.batch_stats),
-                         opt_state=_fill(target, value), tx=tx)
+    return self._convert(state, tx, self.stack, value)
 
   def unstack_state(self, state: Any, tx: optax.GradientTransformation) -> Any:
     """A stacked train state in the canonical layout, with `tx` (the canonical optimizer)."""
-    params = self.unstack(state.params)
-    target = jax.eval_shape(tx.init, params)
-    source = _opt_leaves(state.opt_state)
-    source_groups = {group for group, _, _ in source}
 
-    def value(group: str, slot: _Key, path: _Key) -> Any:
+    def value(source, source_groups, group: str, slot: _Key, path: _Key) -> Any:
       if not path:
         return source[(group if group in source_groups else STACK_KEY, slot, ())]
       if path[0] in self.names:
         return source[(STACK_KEY, slot, (STACK_KEY,) + path[1:])][self.names.index(path[0])]
       return source[(group, slot, path)]
 
-    return state.replace(params=params, batch_stats=self.unstack(state.batch_stats),
-                         opt_state=_fill(target, value), tx=tx)
+    return self._convert(state, tx, self.unstack, value)
 
-
-def _fill(target: Any, value: Callable[[str, _Key, _Key], Any]) -> Any:
-  """`target`'s structure with each leaf `value(group, slot, parameter path)` (optimizer state leaves)."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: value(*_split_opt_path(path)), target)
+  @staticmethod
+  def _convert(state: Any, tx: optax.GradientTransformation, layout: Callable[[Any], Any],
+               value: Callable[..., Any]) -> Any:
+    """`state` with `layout` applied to its parameters and batch statistics, and its optimizer state rebuilt leaf by
+    leaf in `tx`'s structure: `value(source leaves, source groups, group, slot, parameter path)`."""
+    params = layout(state.params)
+    source = _opt_leaves(state.opt_state)
+    source_groups = {group for group, _, _ in source}
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, _: value(source, source_groups, *_split_opt_path(path)), jax.eval_shape(tx.init, params))
+    return state.replace(params=params, batch_stats=layout(state.batch_stats), opt_state=opt_state, tx=tx)
 
 
 def is_stacked_leaf(path: tuple[Any, ...]) -> bool:

@@ -13,23 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.default import get_config
 from ffsd_jax import objective
 from ffsd_jax.methods import mcl, okddip
 from ffsd_jax.methods.multi_branch import NETWORK_GROUP
 from ffsd_jax.models import create_backbone
+from test_methods_newcomers import _config  # resnet8_tiny, 10 classes, the method and its network count
 from test_sharding import fast_compilation  # pylint: disable=unused-import
 
 CLASSES, BATCH = 10, 8
-
-
-def _config(method: str, num_students: int):
-  config = get_config()
-  config.model = 'resnet8_tiny'
-  config.num_classes = CLASSES
-  config.method = method
-  config.num_students = num_students
-  return config
 
 
 def _logits(seed: int, count: int, classes: int = CLASSES) -> list[np.ndarray]:
