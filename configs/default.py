@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ImageNet-style eval: resize to this, then centre-crop; None = size·256/224.
   config.eval_resize_size = config_dict.placeholder(int)
   config.skip_bad_images = False  # Image folders: leave unreadable files out (logged) instead of failing at start-up.
+  # Training examples per class held out (chosen from config.seed, never trained on) as a validation split that picks
+  # the best checkpoint; 0: none, the best checkpoint is the best test epoch, as in the paper.
+  config.validation_examples_per_class = 0
 
   # Optimisation (docs/method.md §8).
   config.batch_size = 128  # Global batch over all devices and hosts.

@@ -60,6 +60,7 @@ OPTIMISATION_KEYS = frozenset({
     'temperature', 'lambda_diversity', 'lambda_fusion', 'lambda_self_distillation', 'lambda_warmup_epochs',
     'compute_dtype', 'batch_norm_statistics', 'normalization', 'image_size', 'eval_resize_size',
     'synthetic_num_eval_examples',
+    'validation_examples_per_class',  # Changes the training set and what the best checkpoint is selected on.
     'kdcl_teacher', 'kdcl_kl_weight', 'kdcl_temperature', 'one_temperature', 'one_rampup_epochs',
     'pcl_temperature', 'pcl_ema_decay', 'pcl_rampup_epochs',
     'okddip_temperature', 'okddip_kl_weight', 'okddip_rampup_epochs',
@@ -109,6 +110,7 @@ _OPTIONAL_MIN_INTS = {
     'num_data_workers': (-1, 'set --config.num_data_workers=-1 (the host\'s spare cores) or 0 (the main process)'),
     'synthetic_num_train_examples': (1, 'set --config.synthetic_num_train_examples=50000'),
     'synthetic_num_eval_examples': (1, 'set --config.synthetic_num_eval_examples=10000'),
+    'validation_examples_per_class': (0, 'set --config.validation_examples_per_class=0 (no validation split)'),
 }
 # key: (strictly positive?, fix). Float keys; NaN and inf are always rejected.
 _FLOATS = {

@@ -44,31 +44,44 @@ def write_json_atomically(path: str, value: Any) -> None:
   checkpointing.write_file_atomically(path, json.dumps(value, indent=2).encode())
 
 
-def run_eval(eval_fn: Callable[..., Any], variables: Any, setup: run_setup.RunSetup) -> dict[str, float]:
-  """Runs `eval_fn(variables, batch) -> sums` over the whole eval split; returns the host sums.
+def run_eval(eval_fn: Callable[..., Any], variables: Any, setup: run_setup.RunSetup, split: str = 'test'
+             ) -> dict[str, float]:
+  """Runs `eval_fn(variables, batch) -> sums` over a whole split; returns the host sums.
 
   No progress bar: it would interleave with the log lines; the eval's result line gives its duration.
+
+  Args:
+    eval_fn: the jitted eval step.
+    variables: what `eval_fn` takes first.
+    setup: the run's setup.
+    split: 'test' (the eval split) or 'validation' (the held-out training examples, config.
+      validation_examples_per_class > 0).
   """
   sums = None
-  batches = data_lib.create_eval_batches(setup.config, global_batch_size=setup.config.eval_batch_size,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
+  make_batches = data_lib.create_validation_batches if split == 'validation' else data_lib.create_eval_batches
+  batches = make_batches(setup.config, global_batch_size=setup.config.eval_batch_size,
+                         process_index=jax.process_index(), process_count=jax.process_count())
   for local_batch in batches:
     out = eval_fn(variables, sharding.make_global_batch(local_batch, setup.mesh, sharding.eval_batch_sharding))
     sums = out if sums is None else _add_sums(sums, out)
   return {k: float(v) for k, v in to_host(sums).items()}
 
 
-def eval_results(sums: dict[str, float], with_top5: bool) -> dict[str, float]:
-  """Top-1 (and top-5) in percent and the mean cross-entropy for every network in the eval step's sums."""
+def eval_results(sums: dict[str, float], with_top5: bool, prefix: str = 'eval') -> dict[str, float]:
+  """Top-1 (and top-5) in percent and the mean cross-entropy for every network in the eval step's sums.
+
+  Names are '<prefix>/top1/<net>', '<prefix>/loss/<net>' (and '<prefix>/top5/<net>'): prefix 'eval' for the test
+  split, 'val' for the validation split.
+  """
   count = sums['count']
   results = {}
   for name, value in sums.items():
     if name.startswith('correct/'):
-      results[f'eval/top1/{name[len("correct/"):]}'] = 100.0 * value / count
+      results[f'{prefix}/top1/{name[len("correct/"):]}'] = 100.0 * value / count
     elif name.startswith('cross_entropy/'):
-      results[f'eval/loss/{name[len("cross_entropy/"):]}'] = value / count
+      results[f'{prefix}/loss/{name[len("cross_entropy/"):]}'] = value / count
     elif name.startswith('correct_top5/') and with_top5:
-      results[f'eval/top5/{name[len("correct_top5/"):]}'] = 100.0 * value / count
+      results[f'{prefix}/top5/{name[len("correct_top5/"):]}'] = 100.0 * value / count
   return results
 
 

@@ -7,7 +7,8 @@ mean ± sample std (ddof=1) and per-seed values; `scripts/plot_metrics.py` draws
 both scripts so that it is testable without training; it never imports the model code (only the schedules, lazily).
 
 What a workdir is read from (every file but metrics.jsonl or summary.json may be absent):
-- `summary.json`: step, total_steps, preempted, the tracked network, best and last leader top-1, last eval top-1.
+- `summary.json`: step, total_steps, preempted, the tracked network, best and last leader top-1, last eval top-1;
+  with a validation split (config.validation_examples_per_class > 0) also best_val_top1 and test_top1_at_best_val.
   It is written at the end of a run and at a stop; a best or last top-1 that is null (before the first evaluation),
   negative (the -1.0 of older versions) or missing means "no evaluation" and is never averaged.
 - `metrics.jsonl`: the eval records (best and last top-1 of a run still in progress, the curves), steps per epoch
@@ -49,6 +50,12 @@ INCOMPLETE = 'incomplete'  # Records or a summary short of total_steps: running,
 NEW = 'new'  # Nothing written yet.
 
 MISSING = '–'  # An en dash: a value that does not exist (yet), in the markdown tables.
+
+# The markdown table's top-1 columns, named by the evaluation each one selects.
+BEST_TEST_COLUMN = 'best top-1 (best test epoch)'
+LAST_TEST_COLUMN = 'last top-1 (last epoch)'
+BEST_VAL_COLUMN = 'best val top-1'
+TEST_AT_BEST_VAL_COLUMN = 'test top-1 at best val'
 
 WALL_TIME_FROM_EVENTS_AND_RECORDS = 'first TensorBoard event file to the last metrics.jsonl time'
 WALL_TIME_FROM_RECORDS = 'metrics.jsonl time, first to last record (misses the compilation)'
@@ -364,6 +371,9 @@ class RunResult:
   wall_time_source: str | None
   records: list[dict[str, Any]]
   config_values: dict[str, Any] | None  # config.json, when present.
+  # With a validation split: the tracked network's best validation top-1, and the test top-1 of that evaluation.
+  best_val_top1: float | None = None
+  test_top1_at_best_val: float | None = None
 
 
 def find_workdirs(path: str) -> list[str]:
@@ -449,6 +459,16 @@ def _eval_values(records: Sequence[Mapping[str, Any]], network: str
   return (max(seen) if seen else None), last_eval.get(network), last_eval
 
 
+def _validation_values(records: Sequence[Mapping[str, Any]], network: str) -> tuple[float | None, float | None]:
+  """(best validation top-1 of `network`, its test top-1 at the first evaluation that reached it) from the records."""
+  best_val, test_at_best = None, None
+  for record in records:
+    val = top1_value(record.get(f'val/top1/{network}'))
+    if val is not None and (best_val is None or val > best_val):
+      best_val, test_at_best = val, top1_value(record.get(f'eval/top1/{network}'))
+  return best_val, test_at_best
+
+
 def _last_eval_of(values: Mapping[str, Any]) -> dict[str, float]:
   """{network: top-1} of the `eval/top1/<network>` keys holding a top-1 (no null, no -1 sentinel)."""
   last_eval = {k[len('eval/top1/'):]: top1_value(v) for k, v in values.items() if k.startswith('eval/top1/')}
@@ -495,6 +515,7 @@ def read_run(workdir: str, root: str | None = None, method: str | None = None) -
   summary = read_summary(workdir)
   network = tracked_network(records, summary)
   best, last, last_eval = _eval_values(records, network)
+  best_val, test_at_best_val = _validation_values(records, network)
   step, total_steps = last_step(records), _total_steps(config_values, records)
   if summary_is_newest(summary, records):
     # summary.json is written at the end of the run or at a stop; records after its step (a resume) are newer.
@@ -503,6 +524,9 @@ def read_run(workdir: str, root: str | None = None, method: str | None = None) -
     best = _first_top1(summary.get('best_leader_top1'), best)
     last = _first_top1(summary.get('last_leader_top1'), last)
     last_eval = _last_eval_of(summary.get('last_eval') or {}) or last_eval
+    if top1_value(summary.get('best_val_top1')) is not None:  # The pair comes from one evaluation: taken together.
+      best_val = top1_value(summary['best_val_top1'])
+      test_at_best_val = top1_value(summary.get('test_top1_at_best_val'))
   elif summary is not None and total_steps is None:
     total_steps = summary.get('total_steps')
   wall_time_s, wall_time_source = _wall_time(workdir, records)
@@ -510,7 +534,7 @@ def read_run(workdir: str, root: str | None = None, method: str | None = None) -
                    seed=None if seed is None else int(seed), status=workdir_status(workdir, records), step=step,
                    total_steps=total_steps, network=network, best_top1=best, last_top1=last, last_eval=last_eval,
                    wall_time_s=wall_time_s, wall_time_source=wall_time_source, records=records,
-                   config_values=config_values)
+                   config_values=config_values, best_val_top1=best_val, test_top1_at_best_val=test_at_best_val)
 
 
 def collect_runs(paths: Sequence[str]) -> list[RunResult]:
@@ -573,6 +597,8 @@ class GroupRow:
   last_eval: dict[str, list[float | None]]  # {network: per-seed last top-1}.
   wall_time_s: list[float | None]
   wall_time_sources: list[str | None]
+  best_val_top1: list[float | None] = dataclasses.field(default_factory=list)
+  test_top1_at_best_val: list[float | None] = dataclasses.field(default_factory=list)
 
 
 def aggregate(runs: Sequence[RunResult], finished_only: bool = False) -> list[GroupRow]:
@@ -592,7 +618,9 @@ def aggregate(runs: Sequence[RunResult], finished_only: bool = False) -> list[Gr
         statuses=[r.status for r in members], steps=[(r.step, r.total_steps) for r in members],
         best_top1=[r.best_top1 for r in members], last_top1=[r.last_top1 for r in members],
         last_eval={n: [r.last_eval.get(n) for r in members] for n in networks},
-        wall_time_s=[r.wall_time_s for r in members], wall_time_sources=[r.wall_time_source for r in members]))
+        wall_time_s=[r.wall_time_s for r in members], wall_time_sources=[r.wall_time_source for r in members],
+        best_val_top1=[r.best_val_top1 for r in members],
+        test_top1_at_best_val=[r.test_top1_at_best_val for r in members]))
   return rows
 
 
@@ -654,15 +682,21 @@ def markdown_tables(rows: Sequence[GroupRow]) -> str:
   """The study as markdown: the tracked network's best and last top-1, then every network's last top-1."""
   lines = ["Test top-1 (%) of the tracked network (the method's deployed one: the leader, or e.g. student_0 for "
            'dml): mean ± sample std (ddof=1) over seeds, then the per-seed values in seed order. '
-           f'{MISSING}: no evaluation yet; (n=k): the mean of only the k seeds that have evaluated.', '']
-  header = ['config', 'method', 'network', 'seeds', 'finished', 'steps', 'best top-1', 'last top-1',
-            'best per seed', 'last per seed', 'wall time']
+           f'{MISSING}: no evaluation yet; (n=k): the mean of only the k seeds that have evaluated. Selection: '
+           f'"{BEST_TEST_COLUMN}" is the best test epoch (selected on the test set, as the papers report it); '
+           f'"{LAST_TEST_COLUMN}" is the last evaluation; "{TEST_AT_BEST_VAL_COLUMN}" is the test top-1 of the '
+           f'evaluation with the best validation top-1 ("{BEST_VAL_COLUMN}"; runs with '
+           'config.validation_examples_per_class > 0 only), an unbiased estimate.', '']
+  header = ['config', 'method', 'network', 'seeds', 'finished', 'steps', BEST_TEST_COLUMN, LAST_TEST_COLUMN,
+            BEST_VAL_COLUMN, TEST_AT_BEST_VAL_COLUMN, 'best per seed', 'last per seed', 'wall time']
   body = []
   for row in rows:
     seeds = ' '.join('?' if s is None else str(s) for s in row.seeds)
     body.append([row.config or MISSING, row.method, row.network, seeds,
                  f'{row.statuses.count(FINISHED)}/{len(row.seeds)}', _format_steps(row.steps),
-                 _format_mean_std(row.best_top1), _format_mean_std(row.last_top1), _format_values(row.best_top1),
+                 _format_mean_std(row.best_top1), _format_mean_std(row.last_top1),
+                 _format_mean_std(row.best_val_top1), _format_mean_std(row.test_top1_at_best_val),
+                 _format_values(row.best_top1),
                  _format_values(row.last_top1), _format_duration(mean_std(row.wall_time_s)[0])])
   lines += markdown_table(header, body) + ['', _wall_time_note(rows), '']
   networks = sorted({n for row in rows for n in row.last_eval}, key=network_sort_key)
@@ -698,7 +732,8 @@ def csv_rows(rows: Sequence[GroupRow]) -> list[dict[str, str]]:
            'seeds': ' '.join('' if s is None else str(s) for s in row.seeds), 'num_seeds': str(len(row.seeds)),
            'num_finished': str(row.statuses.count(FINISHED)),
            'steps': ' '.join(f'{"" if s is None else s}/{"" if t is None else t}' for s, t in row.steps)}
-    columns = [('best_top1', row.best_top1), ('last_top1', row.last_top1)] + [
+    columns = [('best_top1', row.best_top1), ('last_top1', row.last_top1), ('best_val_top1', row.best_val_top1),
+               ('test_top1_at_best_val', row.test_top1_at_best_val)] + [
         (f'last_top1/{n}', row.last_eval.get(n, [None] * len(row.seeds))) for n in networks]
     for name, values in columns:
       mean, std = mean_std(values)

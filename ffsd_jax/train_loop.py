@@ -243,6 +243,11 @@ class _Run:
   best_top1: float | None = None  # The deployed network's best eval top-1 of the whole run.
   best_checkpoint_top1: float | None = None  # The top-1 of the state in checkpoints_best/ (None: none there).
   best_checkpoint_step: int | None = None
+  # With a validation split (config.validation_examples_per_class > 0): the deployed network's best validation top-1,
+  # the test top-1 of the evaluation that reached it, and the validation top-1 of the state in checkpoints_best/.
+  best_val_top1: float | None = None
+  test_top1_at_best_val: float | None = None
+  best_checkpoint_val_top1: float | None = None
   last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
   step_flops: float | None = None  # Per device, from XLA's cost analysis of the compiled step.
   peak_flops: float | None = None  # Per device and second, where the device's peak is known (for the MFU).
@@ -288,9 +293,13 @@ def _restore_or_initialise(run: _Run) -> None:
   run.window_steps = int(loop.get('window_steps', 0))
   run.best_top1 = _top1_or_none(loop.get('best_leader_top1'))
   run.best_checkpoint_top1 = _top1_or_none(loop.get('best_checkpoint_top1', loop.get('best_leader_top1')))
+  run.best_val_top1 = _top1_or_none(loop.get('best_val_top1'))
+  run.test_top1_at_best_val = _top1_or_none(loop.get('test_top1_at_best_val'))
+  run.best_checkpoint_val_top1 = _top1_or_none(loop.get('best_checkpoint_val_top1'))
   run.best_checkpoint_step = run.best_manager.latest_step()
   if run.best_checkpoint_step is None:
-    run.best_checkpoint_top1 = None  # Nothing in checkpoints_best/ (moved away): the next evaluation saves one.
+    # Nothing in checkpoints_best/ (moved away): the next evaluation saves one.
+    run.best_checkpoint_top1 = run.best_checkpoint_val_top1 = None
   run.last_eval = loop.get('last_eval', {})
   if run.step >= run.setup.total_steps:
     _log_already_finished(run.workdir, run.step)  # Its summary.json is missing or stale: rewritten at the end.
@@ -523,7 +532,8 @@ def _flush_metrics(run: _Run, sync: bool = False) -> None:
 
 
 def _evaluate(run: _Run) -> None:
-  """Every network's test top-1 and loss; a new best deployed network is saved to checkpoints_best/."""
+  """Every network's test top-1 and loss (and validation top-1 and loss, with a validation split); a new best deployed
+  network is saved to checkpoints_best/: best on validation top-1 with a validation split, else on test top-1."""
   setup = run.setup
   tracked = setup.deployed_network
   start = time.time()
@@ -532,18 +542,36 @@ def _evaluate(run: _Run) -> None:
   with_top5 = setup.info.num_classes >= 1000 or run.config.get('eval_top5', False)
   canonical = run.program.to_canonical(run.state)  # Evaluation and checkpoints take the per-network layout.
   run.last_eval = evaluation.eval_results(evaluation.run_eval(run.program.eval_step, canonical, setup), with_top5)
+  validating = setup.info.num_validation_examples > 0
+  if validating:
+    run.last_eval.update(evaluation.eval_results(
+        evaluation.run_eval(run.program.eval_step, canonical, setup, split='validation'), with_top5, prefix='val'))
   top1 = run.last_eval[f'eval/top1/{tracked}']
   run.best_top1 = top1 if run.best_top1 is None else max(run.best_top1, top1)
+  scalars = {**run.last_eval, f'eval/best_top1/{tracked}': run.best_top1}
+  selected, best_selected = top1, run.best_checkpoint_top1  # What checkpoints_best/ is chosen on.
+  if validating:
+    selected, best_selected = run.last_eval[f'val/top1/{tracked}'], run.best_checkpoint_val_top1
+    if run.best_val_top1 is None or selected > run.best_val_top1:
+      run.best_val_top1, run.test_top1_at_best_val = selected, top1
+    scalars[f'val/best_top1/{tracked}'] = run.best_val_top1
   epoch = run.step / setup.steps_per_epoch
-  run.writer.write_scalars(run.step, {**run.last_eval, f'eval/best_top1/{tracked}': run.best_top1}, epoch=epoch)
+  run.writer.write_scalars(run.step, scalars, epoch=epoch)
   _flush_metrics(run)
   if _is_leader_process():
     logging.info('eval after epoch %.2f (step %d, %.1f s): %s | %s loss %.4f, best top1 %.2f', epoch, run.step,
                  time.time() - start, ', '.join(f'{k[len("eval/"):]} {v:.2f}' for k, v in sorted(run.last_eval.items())
                                                 if k.startswith('eval/top')),
                  tracked, run.last_eval.get(f'eval/loss/{tracked}', float('nan')), run.best_top1)
-  if run.best_checkpoint_top1 is None or top1 > run.best_checkpoint_top1:
+    if validating:
+      logging.info('validation (%d held-out training images): %s | %s best val top1 %.2f (test top1 there %.2f)',
+                   setup.info.num_validation_examples, ', '.join(
+                       f'{k[len("val/"):]} {v:.2f}' for k, v in sorted(run.last_eval.items()) if k.startswith('val/')),
+                   tracked, run.best_val_top1, run.test_top1_at_best_val)
+  if best_selected is None or selected > best_selected:
     run.best_checkpoint_top1, run.best_checkpoint_step = top1, run.step
+    if validating:
+      run.best_checkpoint_val_top1 = selected
     _save(run, run.best_manager, canonical)
 
 
@@ -597,7 +625,9 @@ def _save(run: _Run, manager: ocp.CheckpointManager, canonical: Any = None) -> N
                                  advice=_guard_advice(run))
   _flush_metrics(run, sync=True)  # Every record up to this checkpoint is on disk before it exists.
   loop = {'metric_sums': window, 'window_steps': run.window_steps, 'best_leader_top1': run.best_top1,
-          'best_checkpoint_top1': run.best_checkpoint_top1, 'last_eval': run.last_eval}
+          'best_checkpoint_top1': run.best_checkpoint_top1, 'last_eval': run.last_eval,
+          'best_val_top1': run.best_val_top1, 'test_top1_at_best_val': run.test_top1_at_best_val,
+          'best_checkpoint_val_top1': run.best_checkpoint_val_top1}
   try:
     canonical = run.program.to_canonical(run.state) if canonical is None else canonical
     checkpointing.save(manager, run.step, canonical,
@@ -652,7 +682,13 @@ def _write_summary(run: _Run) -> dict[str, Any]:
              'network': tracked, 'best_leader_top1': run.best_top1,
              'last_leader_top1': run.last_eval.get(f'eval/top1/{tracked}'),
              'best_checkpoint_step': run.best_checkpoint_step, 'best_checkpoint_top1': run.best_checkpoint_top1,
-             'last_eval': run.last_eval, 'skipped_bad_images': len(run.setup.info.skipped_files)}
+             'last_eval': run.last_eval, 'skipped_bad_images': len(run.setup.info.skipped_files),
+             # best_leader_top1 is the best test epoch (selected on the test set, as the papers report it); with a
+             # validation split, test_top1_at_best_val is the test top-1 of the epoch with the best validation top-1.
+             'last_test_top1': run.last_eval.get(f'eval/top1/{tracked}'), 'best_val_top1': run.best_val_top1,
+             'test_top1_at_best_val': run.test_top1_at_best_val,
+             'validation_examples': run.setup.info.num_validation_examples,
+             'best_checkpoint_selected_on': 'val/top1' if run.setup.info.num_validation_examples else 'eval/top1'}
   if _is_leader_process():
     evaluation.write_json_atomically(os.path.join(run.workdir, SUMMARY_FILE), summary)
     if not run.preempted:

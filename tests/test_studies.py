@@ -82,7 +82,8 @@ def test_aggregate_three_finished_seeds_gives_exact_mean_and_sample_std(study_ro
   assert studies.mean_std(dml.best_top1) == (66.5, math.sqrt(0.5))
 
   table = studies.markdown_tables(rows)
-  assert '| cifar | ffsd | leader | 0 1 2 | 3/3 | 8/8 | 72.00 ± 2.00 | 71.00 ± 2.65 | 70.00, 72.00, 74.00 ' in table
+  assert ('| cifar | ffsd | leader | 0 1 2 | 3/3 | 8/8 | 72.00 ± 2.00 | 71.00 ± 2.65 | – | – '
+          '| 70.00, 72.00, 74.00 ') in table
   assert '| 69.00, 70.00, 74.00 | 0:03:20 |' in table  # Mean wall time 200 s.
   assert '| cifar | ffsd | 62.00 ± 2.65 | 51.00 ± 1.00 | 71.00 ± 2.65 | 80.00 ± 0.00 | 76.00 ± 1.00 |' in table
   assert '| cifar | dml | 66.50 ± 0.71 | 65.50 ± 0.71 | – | – | – |' in table
@@ -371,3 +372,37 @@ def test_call_main_returns_the_exit_status_and_restores_signal_handlers():
   before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   assert studies.call_main([sys.executable, '-c', 'import sys; sys.exit(3)']) == 3
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_validation_columns_are_aggregated_exactly(tmp_path):
+  """Seeds 0, 1 from summary.json, seed 2 still running (from its records), seed 3 without a validation split."""
+  root = tmp_path / 'study'
+  for seed, (best_val, test_at) in enumerate([(80.0, 68.0), (82.0, 70.0)]):
+    summary = dict(finished_summary(72.0, 70.0, {'leader': 70.0}), best_val_top1=best_val,
+                   test_top1_at_best_val=test_at, last_test_top1=70.0)
+    write_workdir(root / 'c' / 'ffsd' / f'seed{seed}', eval_top1={2: {'leader': 70.0}}, summary=summary)
+  # Two evaluations reach validation top-1 84: the first one's test top-1 (71) is the one at the best validation.
+  write_workdir(root / 'c' / 'ffsd' / 'seed2', train=[
+      {'step': 4, 'epoch': 1.0, 'eval/top1/leader': 71.0, 'val/top1/leader': 84.0},
+      {'step': 8, 'epoch': 2.0, 'eval/top1/leader': 74.0, 'val/top1/leader': 84.0}])
+  write_workdir(root / 'c' / 'ffsd' / 'seed3', eval_top1={2: {'leader': 70.0}},
+                summary=dict(finished_summary(72.0, 70.0, {'leader': 70.0}), best_val_top1=None,
+                             test_top1_at_best_val=None, last_test_top1=70.0))
+  (row,) = studies.aggregate(studies.collect_runs([str(root)]))
+  assert row.best_val_top1 == [80.0, 82.0, 84.0, None]
+  assert row.test_top1_at_best_val == [68.0, 70.0, 71.0, None]
+  # best val: mean 82, deviations -2, 0, 2: sample variance 8 / 2 = 4. test at best val: 68, 70, 71, mean 209 / 3,
+  # squared deviations sum 14565 - 209² / 3 = 14 / 3: sample variance 7 / 3.
+  table = studies.markdown_tables([row])
+  assert (f'| {studies.BEST_TEST_COLUMN} | {studies.LAST_TEST_COLUMN} | {studies.BEST_VAL_COLUMN} | '
+          f'{studies.TEST_AT_BEST_VAL_COLUMN} |') in table
+  assert f'| 82.00 ± 2.00 (n=3) | {209 / 3:.2f} ± {math.sqrt(7 / 3):.2f} (n=3) |' in table
+  assert 'best test epoch (selected on the test set' in table
+  with open(studies.write_csv([row], str(tmp_path / 'r.csv'))) as f:
+    (csv_row,) = list(csv.DictReader(f))
+  assert (float(csv_row['best_val_top1_mean']), float(csv_row['best_val_top1_std'])) == (82.0, 2.0)
+  assert float(csv_row['test_top1_at_best_val_mean']) == pytest.approx(209 / 3, rel=1e-12)
+  assert float(csv_row['test_top1_at_best_val_std']) == pytest.approx(math.sqrt(7 / 3), rel=1e-12)
+  assert csv_row['best_val_top1_n'] == csv_row['test_top1_at_best_val_n'] == '3'
+  assert [csv_row[f'test_top1_at_best_val_seed{k}'] for k in range(4)] == ['68.0', '70.0', '71.0', '']
+  assert csv_row['last_top1_n'] == '4'

@@ -96,7 +96,7 @@ def test_seed_without_eval_is_left_out_of_mean_std_csv_and_plot(half_evaluated_s
   table = studies.markdown_tables(rows)
   # The mean over the one seed that has evaluated, with n = 1 shown; the other seed's value is an en dash.
   best_mean, last_mean = statistics.mean([10.55]), statistics.mean([9.5])
-  assert (f'| c | ffsd | leader | 0 1 | 1/2 | 8/8, 2/8 | {best_mean:.2f} (n=1) | {last_mean:.2f} (n=1) '
+  assert (f'| c | ffsd | leader | 0 1 | 1/2 | 8/8, 2/8 | {best_mean:.2f} (n=1) | {last_mean:.2f} (n=1) | – | – '
           f'| {10.55:.2f}, – | {9.5:.2f}, – |') in table
   assert '-1.00' not in table and '4.77' not in table  # (10.55 + -1) / 2 = 4.775 was the bug.
 
@@ -159,7 +159,8 @@ def test_study_stopped_before_any_eval_prints_well_formed_tables(tmp_path):
   main_table, networks_table = tables
   header = main_table[0]
   values = dict(zip(header, main_table[2]))
-  assert [values[k] for k in ('best top-1', 'last top-1', 'best per seed', 'last per seed')] == ['–'] * 4
+  assert [values[k] for k in (studies.BEST_TEST_COLUMN, studies.LAST_TEST_COLUMN, studies.BEST_VAL_COLUMN,
+                              studies.TEST_AT_BEST_VAL_COLUMN, 'best per seed', 'last per seed')] == ['–'] * 6
   assert values['steps'] == '2/8' and values['finished'] == '0/1'
   assert networks_table[2][2:] == ['–'] and len(networks_table[0]) == 3
   with open(tmp_path / 'r.csv') as f:

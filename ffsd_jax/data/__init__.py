@@ -2,7 +2,11 @@
 
 Public API (the contract the train loop codes against):
   DatasetInfo, get_dataset_info(config), describe_dataset(info, config), create_train_iterator(config, ...),
-  create_eval_batches(config, ...).
+  create_eval_batches(config, ...), create_validation_batches(config, ...).
+
+Validation split (config.validation_examples_per_class = K > 0): K training examples of every class, chosen from
+config.seed (`sources.hold_out`), are left out of the training stream and read by `create_validation_batches` with the
+evaluation transforms; info.num_train_examples counts the examples left for training.
 
 Every problem with the data that a researcher can fix (missing or unprepared data, unreadable or wrong-size images,
 empty or mismatched class folders, a wrong num_classes) raises `errors.DataError` from `get_dataset_info`, before the
@@ -18,7 +22,7 @@ another name, e.g. 'cifar10_jpeg'), normalization ('cifar100' | 'cifar10' | 'ima
 only), synthetic_num_eval_examples, data_cache_dir (where decoded CIFAR-size arrays and image-check results are cached;
 default $XDG_CACHE_HOME/ffsd_jax/decoded, or <data_dir>/ffsd_decoded_cache for the TFDS datasets), eval_resize_size,
 skip_bad_images (image folders: leave unreadable files out instead of failing), allow_config_change (resume the
-training stream over a changed example count).
+training stream over a changed example count), validation_examples_per_class.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from ffsd_jax.data import normalization
 from ffsd_jax.data import pipeline
 from ffsd_jax.data import sources
 
-__all__ = ['DatasetInfo', 'get_dataset_info', 'describe_dataset', 'create_train_iterator', 'create_eval_batches']
+__all__ = ['DatasetInfo', 'get_dataset_info', 'describe_dataset', 'create_train_iterator', 'create_eval_batches',
+           'create_validation_batches']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,9 @@ class DatasetInfo:
   mean_std: tuple[tuple[float, ...], tuple[float, ...]]
   # Image folders with config.skip_bad_images: the unreadable files (train and eval) left out of the counts above.
   skipped_files: tuple[str, ...] = ()
+  # Training examples held out as the validation split (config.validation_examples_per_class x num_classes); they are
+  # not in num_train_examples.
+  num_validation_examples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +76,8 @@ class _Plan:
 
 def _config_key(config) -> tuple:
   keys = ('dataset', 'data_dir', 'image_folder', 'tfds_name', 'image_size', 'normalization',
-          'synthetic_num_train_examples', 'synthetic_num_eval_examples', 'seed', 'skip_bad_images')
+          'synthetic_num_train_examples', 'synthetic_num_eval_examples', 'seed', 'skip_bad_images',
+          'validation_examples_per_class')
   # config.num_classes only picks the labels of synthetic data; elsewhere it is checked against the plan (in `_plan`),
   # so that an entry point writing the resolved count back into the config (0 -> 100) does not plan again.
   if config.get('dataset') == 'synthetic':
@@ -127,6 +136,35 @@ class _FrozenConfig:
 
 
 def _make_plan(config) -> _Plan:
+  return _with_validation(config, _make_full_plan(config))
+
+
+def validation_per_class(config) -> int:
+  """config.validation_examples_per_class (0 when unset): training examples of each class held out."""
+  return int(config.get('validation_examples_per_class') or 0)
+
+
+def _with_validation(config, plan: _Plan) -> _Plan:
+  """`plan` with the held-out examples counted out of the training set (labels are read later, in `_split`).
+
+  Raises:
+    errors.DataError: the held-out examples would leave no training example.
+  """
+  per_class = validation_per_class(config)
+  if not per_class:
+    return plan
+  info = plan.info
+  held = per_class * info.num_classes
+  if held >= info.num_train_examples:
+    raise errors.DataError(
+        f'config.validation_examples_per_class={per_class} holds out {held:,} of the {info.num_train_examples:,} '
+        f'training examples ({info.num_classes} classes); set --config.validation_examples_per_class to at most '
+        f'{(info.num_train_examples - 1) // info.num_classes}.')
+  info = dataclasses.replace(info, num_train_examples=info.num_train_examples - held, num_validation_examples=held)
+  return dataclasses.replace(plan, info=info)
+
+
+def _make_full_plan(config) -> _Plan:
   dataset = config.dataset
   if dataset not in sources.ALL_DATASETS:
     raise errors.DataError(f'Unknown dataset {dataset!r}; set --config.dataset to one of '
@@ -277,12 +315,16 @@ def describe_dataset(info: DatasetInfo, config) -> str:
   mean, std = info.mean_std
   parts.append(f'normalisation mean {_floats(mean)} std {_floats(std)}')
   parts.append(f'decoded-image cache: {sources.cache_dir(config) if plan.small and not synthetic else "none"}')
+  if info.num_validation_examples:
+    parts.append(f'{info.num_validation_examples:,} training images held out for validation '
+                 f'({validation_per_class(config)} per class, seed {int(config.get("seed", 0))})')
   if info.skipped_files:
     parts.append(f'{len(info.skipped_files):,} unreadable images left out (skip_bad_images)')
   return f'Dataset {info.name} ({plan.source}): ' + ', '.join(parts)
 
 
 def _small_arrays(config, plan: _Plan, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Decoded images and labels of 'train' (all of it, held-out examples included) or 'eval'."""
   reader = plan.train_reader if split == 'train' else plan.eval_reader
   if isinstance(reader, sources.SyntheticReader):
     return _synthetic_arrays(reader)
@@ -326,15 +368,19 @@ def create_train_iterator(config, *, global_batch_size: int, process_index: int,
   ResumableIterator.set_state).
   """
   plan = _plan(config)
+  train_indices, _ = _split(config)
   info = {'dataset': plan.info.name, 'global_batch_size': int(global_batch_size), 'process_index': int(process_index),
           'process_count': int(process_count), 'seed': int(seed), 'num_train_examples': plan.info.num_train_examples}
   allow_change = bool(config.get('allow_config_change', False))
   if plan.small:
     images, labels = _small_arrays(config, plan, 'train')
+    if train_indices is not None:
+      images, labels = images[train_indices], labels[train_indices]
     return pipeline.array_train_iterator(images, labels, global_batch_size=global_batch_size,
                                          process_index=process_index, process_count=process_count, seed=seed,
                                          info=info, allow_layout_change=allow_change)
-  return pipeline.grain_train_iterator(plan.train_reader, plan.info.num_train_examples,
+  reader = plan.train_reader if train_indices is None else sources.SubsetReader(plan.train_reader, train_indices)
+  return pipeline.grain_train_iterator(reader, plan.info.num_train_examples,
                                        image_size=plan.info.image_size, global_batch_size=global_batch_size,
                                        process_index=process_index, process_count=process_count, seed=seed,
                                        num_workers=num_workers(config), info=info,
@@ -355,3 +401,48 @@ def create_eval_batches(config, *, global_batch_size: int, process_index: int, p
   size = plan.info.image_size
   resize_size = _eval_resize_size(config, size)
   return pipeline.GrainEvalBatches(plan.eval_reader, layout, size, resize_size, num_workers(config))
+
+
+@functools.lru_cache(maxsize=4)
+def _split_cached(config: _FrozenConfig) -> tuple[np.ndarray | None, np.ndarray | None, Any]:
+  plan = _plan_cached(config)
+  per_class = validation_per_class(config)
+  if not per_class:
+    return None, None, None
+  if plan.small:
+    labels = _small_arrays(config, plan, 'train')[1]
+  else:
+    labels = sources.load_labels(config, plan.train_reader, dict(plan.cache_key, split='train'))
+  train, validation = sources.hold_out(labels, per_class, plan.info.num_classes, int(config.get('seed', 0)))
+  # One reader object per split, so that the evaluation workers kept between passes are reused (pipeline.py).
+  return train, validation, sources.SubsetReader(plan.train_reader, validation)
+
+
+def _split(config) -> tuple[np.ndarray | None, np.ndarray | None]:
+  """(training indices, validation indices) into the training split; (None, None) without a validation split.
+
+  Raises:
+    errors.DataError: a class has too few training examples for config.validation_examples_per_class.
+  """
+  _plan(config)
+  train, validation, _ = _split_cached(_FrozenConfig(config))
+  return train, validation
+
+
+def create_validation_batches(config, *, global_batch_size: int, process_index: int, process_count: int
+                              ) -> Iterable[dict[str, np.ndarray]]:
+  """The held-out training examples as `create_eval_batches` makes eval batches (eval transforms, padded, masked).
+
+  Raises:
+    ValueError: config.validation_examples_per_class is 0 (there is no validation split).
+  """
+  plan = _plan(config)
+  if not plan.info.num_validation_examples:
+    raise ValueError('There is no validation split: config.validation_examples_per_class is 0.')
+  _, validation, reader = _split_cached(_FrozenConfig(config))
+  layout = pipeline.EvalLayout(len(validation), global_batch_size, process_index, process_count)
+  if plan.small:
+    images, labels = _small_arrays(config, plan, 'train')
+    return pipeline.ArrayEvalBatches(images[validation], labels[validation], layout)
+  size = plan.info.image_size
+  return pipeline.GrainEvalBatches(reader, layout, size, _eval_resize_size(config, size), num_workers(config))

@@ -621,6 +621,19 @@ class TfdsReader:
     record = self._open()[int(index)]
     return decode_image(record['image'], functools.partial(self.describe, index), self.fix), int(record['label'])
 
+  def labels(self, chunk: int = 1024) -> np.ndarray:
+    """Every record's label (int32), in order; reads the records but decodes no image."""
+    source = self._open()
+    labels = np.empty((len(source),), np.int32)
+    for start in range(0, len(source), chunk):
+      keys = list(range(start, min(start + chunk, len(source))))
+      try:
+        records = source.__getitems__(keys)
+      except TypeError:  # tfds.testing.mock_data's data source has a broken __getitems__.
+        records = [source[k] for k in keys]
+      labels[start:start + len(keys)] = [int(record['label']) for record in records]
+    return labels
+
   def iter_all(self, chunk: int = 1024):
     """Yields (image, label) for every example in order, reading records in chunks."""
     source = self._open()
@@ -658,6 +671,10 @@ class FolderReader:
   def iter_all(self):
     return (self.read(i) for i in range(len(self)))
 
+  def labels(self) -> np.ndarray:
+    """Every file's label (int32), in order."""
+    return np.asarray(self._labels, np.int32)
+
 
 class SyntheticReader:
   """Random uint8 images and labels, a pure function of (seed, split, index). For smoke runs and throughput only."""
@@ -677,6 +694,59 @@ class SyntheticReader:
   def read(self, index: int) -> tuple[PIL.Image.Image, int]:
     image, label = self.read_array(index)
     return PIL.Image.fromarray(image), label
+
+  def labels(self) -> np.ndarray:
+    """Every example's label (int32), in order (each drawn with its image)."""
+    return np.asarray([self.read_array(i)[1] for i in range(self._n)], np.int32)
+
+
+class SubsetReader:
+  """The examples `indices` of another reader, as examples 0 .. len(indices) - 1 (picklable, for grain workers)."""
+
+  def __init__(self, reader, indices: np.ndarray):
+    self._reader, self._indices = reader, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def describe(self, index: int) -> str:
+    """Names example `index` in error messages as the underlying reader does."""
+    return self._reader.describe(int(self._indices[index]))
+
+  def fix(self) -> str:
+    """The underlying reader's fix for an unreadable example."""
+    return self._reader.fix()
+
+  def read(self, index: int) -> tuple[PIL.Image.Image, int]:
+    return self._reader.read(int(self._indices[index]))
+
+
+# Stream of the validation choice in the seed's RNG (the training pipeline uses 0 and 1, see pipeline.py).
+_VALIDATION_STREAM = 2
+
+
+def hold_out(labels: np.ndarray, per_class: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(training indices, validation indices), both ascending: `per_class` examples of every class held out.
+
+  Class c's held-out examples are the first `per_class` of a permutation of its indices drawn from
+  `default_rng([seed, 2, c])`, so the choice depends only on the seed and the labels.
+
+  Raises:
+    errors.DataError: a class has no more than `per_class` training examples.
+  """
+  labels = np.asarray(labels)
+  chosen = []
+  for label in range(num_classes):
+    members = np.flatnonzero(labels == label)
+    if len(members) <= per_class:
+      smallest = min(int(np.sum(labels == c)) for c in range(num_classes))
+      raise errors.DataError(
+          f'config.validation_examples_per_class={per_class} but class {label} has only {len(members)} training '
+          f'examples; set --config.validation_examples_per_class to at most {max(0, smallest - 1)}.')
+    rng = np.random.default_rng([seed, _VALIDATION_STREAM, label])
+    chosen.append(rng.permutation(members)[:per_class])
+  validation = np.sort(np.concatenate(chosen)) if chosen else np.empty((0,), np.int64)
+  return np.setdiff1d(np.arange(len(labels)), validation), validation
 
 
 class _DictConfig(dict):
@@ -760,3 +830,28 @@ def load_decoded(config, reader, cache_key: dict[str, Any], expected_size: int |
     logging.warning('Could not cache the decoded images in %s (%s); set --config.data_cache_dir to a writable folder '
                     'to decode once.', directory, errors.one_line(error))
   return images, labels
+
+
+def load_labels(config, reader, cache_key: dict[str, Any]) -> np.ndarray:
+  """Every label of a split, read once: cached as a .npy file for TFDS splits (reading them reads every record).
+
+  Image folders and synthetic data compute theirs directly (they are in memory, or a pure function of the seed).
+  """
+  if not isinstance(reader, TfdsReader):
+    return reader.labels()
+  key = json.dumps(dict(cache_key, format=_CACHE_FORMAT_VERSION), sort_keys=True, default=str)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  directory = cache_dir(config)
+  path = directory / f'{cache_key.get("name", "data")}-{cache_key.get("split", "split")}-{digest}.labels-only.npy'
+  if path.exists():
+    return np.load(path)
+  labels = reader.labels()
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+    with open(tmp, 'wb') as f:
+      np.save(f, labels)
+    os.replace(tmp, path)
+  except OSError as error:  # A read-only cache only costs reading the labels again next time.
+    logging.warning('Could not cache the labels in %s (%s).', path, errors.one_line(error))
+  return labels
