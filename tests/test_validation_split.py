@@ -9,7 +9,6 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from configs.default import get_config
 from ffsd_jax import config_checks
 from ffsd_jax import data
 from ffsd_jax import errors
@@ -17,15 +16,8 @@ from ffsd_jax import evaluation
 from ffsd_jax import train_loop
 from ffsd_jax.data import pipeline
 from ffsd_jax.data import sources
+from test_data import _config  # The default config without a decoded-image cache, with overrides.
 from test_sharding import fast_compilation, tiny_config  # pylint: disable=unused-import
-
-
-def _config(**overrides):
-  config = get_config()
-  config.data_cache_dir = None
-  for key, value in overrides.items():
-    config[key] = value
-  return config
 
 
 # ----------------------------------------------------------------------------------------------------------------------
