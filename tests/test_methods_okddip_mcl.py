@@ -17,7 +17,7 @@ from ffsd_jax import objective
 from ffsd_jax.methods import mcl, okddip
 from ffsd_jax.methods.multi_branch import NETWORK_GROUP
 from ffsd_jax.models import create_backbone
-from test_methods_newcomers import _config  # resnet8_tiny, 10 classes, the method and its network count
+from test_methods_newcomers import _ce, _config, _log_softmax  # NumPy CE / log-softmax; the tiny config
 from test_sharding import fast_compilation  # pylint: disable=unused-import
 
 CLASSES, BATCH = 10, 8
@@ -31,16 +31,6 @@ def _logits(seed: int, count: int, classes: int = CLASSES) -> list[np.ndarray]:
 def _softmax_rows(x: np.ndarray) -> np.ndarray:
   e = np.exp(x - x.max(axis=-1, keepdims=True))
   return e / e.sum(axis=-1, keepdims=True)
-
-
-def _log_softmax(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(axis=-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def _ce(z, labels):
-  return -np.mean(_log_softmax(z)[np.arange(len(labels)), labels])
 
 
 def _close(actual, expected, rtol=2e-5, atol=1e-6):
