@@ -46,7 +46,8 @@ import ml_collections
 from ffsd_jax import objective
 from ffsd_jax.methods import register
 from ffsd_jax.methods.base import Method, number_problems
-from ffsd_jax.methods.multi_branch import NETWORK_GROUP, TRUNK, branch_name, branch_variables, trunk_and_branches
+from ffsd_jax.methods.multi_branch import (NETWORK_GROUP, TRUNK, branch_name, branch_variables, shared_stages_problems,
+                                           trunk_and_branches)
 from ffsd_jax.models import create_backbone, get_spec, layers
 
 WEIGHT_KEYS = ('mcl_vcl_weight', 'mcl_soft_vcl_weight', 'mcl_icl_weight', 'mcl_soft_icl_weight')
@@ -180,20 +181,6 @@ def mcl_losses(branch_logits: Sequence[jax.Array], embeddings: Sequence[jax.Arra
   return total, terms
 
 
-def mcl_shared_stages_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Problems with `config.mcl_shared_stages`: None or an int in [0, num_stages − 1]."""
-  value = config.get('mcl_shared_stages')
-  try:
-    num_stages = get_spec(config.get('model')).num_taps
-  except ValueError:
-    return []  # config_checks reports the unknown model.
-  if value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= num_stages - 1):
-    return []
-  return [f'config.mcl_shared_stages={value!r}: the networks share their first k stages of {config.get("model")}, '
-          f'which has {num_stages}; k must be an int in [0, {num_stages - 1}] (0 = independent networks). Leave it '
-          'None for the official choice (independent for 2 networks, else the stem and first stage shared).']
-
-
 @register
 class MCL(Method):
   """MCL: networks trained with cross-entropy and mutual (vanilla and soft, intra- and inter-network) supervised
@@ -216,7 +203,10 @@ class MCL(Method):
                     embedding_dim=self.config.mcl_embedding_dim, dtype=dtype)
 
   def check_config(self) -> list[str]:
-    problems = mcl_shared_stages_problems(self.config)
+    problems = shared_stages_problems(
+        self.config, 'mcl_shared_stages', minimum=0, sharing='the networks share their first k stages',
+        fix='(0 = independent networks). Leave it None for the official choice (independent for 2 networks, else '
+            'the stem and first stage shared).')
     dim = self.config.get('mcl_embedding_dim')
     if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1):
       problems.append(f'config.mcl_embedding_dim={dim!r}: must be an int >= 1. Set --config.mcl_embedding_dim=128.')

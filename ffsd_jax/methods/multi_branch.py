@@ -34,18 +34,24 @@ def shared_stage_count(backbone: str, shared_stages: int | None) -> int:
   return num_stages - 1 if shared_stages is None else int(shared_stages)
 
 
-def shared_stages_problems(config: ml_collections.ConfigDict, key: str) -> list[str]:
-  """Problems with `config.<key>` (the trunk's number of stages): None or an int in [1, num_stages − 1]."""
+def shared_stages_problems(config: ml_collections.ConfigDict, key: str, minimum: int = 1,
+                           sharing: str = 'the trunk shares the first k stages',
+                           fix: str = '(a branch keeps at least the last stage). Set --config.{key}={last} (or leave it '
+                                      'None for all stages but the last).') -> list[str]:
+  """Problems with `config.<key>` (a number of shared stages): None or an int in [minimum, num_stages − 1].
+
+  `sharing` says what is shared and `fix` ends the line ({key} and {last} filled in), so that each method's message
+  speaks of its own layers.
+  """
   value = config.get(key)
   try:
     num_stages = get_spec(config.get('model')).num_taps
   except ValueError:
     return []  # config_checks reports the unknown model.
-  if value is None or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= num_stages - 1):
+  if value is None or (isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= num_stages - 1):
     return []
-  return [f'config.{key}={value!r}: the trunk shares the first k stages of {config.get("model")}, which has '
-          f'{num_stages}; k must be an int in [1, {num_stages - 1}] (a branch keeps at least the last stage). Set '
-          f'--config.{key}={num_stages - 1} (or leave it None for all stages but the last).']
+  return [f'config.{key}={value!r}: {sharing} of {config.get("model")}, which has {num_stages}; k must be an int in '
+          f'[{minimum}, {num_stages - 1}] ' + fix.format(key=key, last=num_stages - 1)]
 
 
 def trunk_and_branches(backbone: str, num_classes: int, num_branches: int, shared_stages: int, dtype: Any,
