@@ -566,7 +566,7 @@ def _evaluate(run: _Run) -> None:
     if validating:
       logging.info('validation (%d held-out training images): %s | %s best val top1 %.2f (test top1 there %.2f)',
                    setup.info.num_validation_examples, ', '.join(
-                       f'{k[len("val/"):]} {v:.2f}' for k, v in sorted(run.last_eval.items()) if k.startswith('val/')),
+                       f'{k[len("val/"):]} {v:.2f}' for k, v in sorted(run.last_eval.items()) if k.startswith('val/top')),
                    tracked, run.best_val_top1, run.test_top1_at_best_val)
   if best_selected is None or selected > best_selected:
     run.best_checkpoint_top1, run.best_checkpoint_step = top1, run.step
@@ -693,9 +693,13 @@ def _write_summary(run: _Run) -> dict[str, Any]:
     evaluation.write_json_atomically(os.path.join(run.workdir, SUMMARY_FILE), summary)
     if not run.preempted:
       describe = lambda value: 'none' if value is None else f'{value:.2f}'
-      logging.info('Finished at step %d: %s top-1 best %s, last %s (%s).', run.step, tracked,
-                   describe(run.best_top1), describe(summary['last_leader_top1']),
-                   os.path.join(run.workdir, SUMMARY_FILE))
+      # With a validation split the headline is the unbiased figure (test top-1 where validation peaked); the best
+      # test epoch, selected on the test set, is named as such.
+      best = (f'test at best val {describe(run.test_top1_at_best_val)} (val {describe(run.best_val_top1)}), best '
+              f'test epoch {describe(run.best_top1)}' if summary['validation_examples'] else
+              f'best {describe(run.best_top1)}')
+      logging.info('Finished at step %d: %s top-1 %s, last %s (%s).', run.step, tracked, best,
+                   describe(summary['last_leader_top1']), os.path.join(run.workdir, SUMMARY_FILE))
     else:
       logging.warning('Stopped at step %d after %s; the checkpoint is saved. Rerun the same command to resume.',
                       run.step, 'Ctrl-C' if run.stop_request.signal_name == 'SIGINT' else 'SIGTERM')

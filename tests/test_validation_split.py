@@ -201,7 +201,7 @@ TEST_TOP1 = (30.0, 40.0, 50.0)
 VAL_TOP1 = (60.0, 70.0, 65.0)
 
 
-def test_best_checkpoint_is_selected_on_validation_and_survives_a_resume(tmp_path, monkeypatch):
+def test_best_checkpoint_is_selected_on_validation_and_survives_a_resume(tmp_path, monkeypatch, caplog):
   real_run_eval = evaluation.run_eval
   test_calls = []
 
@@ -220,8 +220,16 @@ def test_best_checkpoint_is_selected_on_validation_and_survives_a_resume(tmp_pat
   first = train_loop.train_and_evaluate(tiny_config(max_steps=8, **overrides), workdir)
   assert (first['best_val_top1'], first['test_top1_at_best_val'], first['best_checkpoint_step']) == (70.0, 40.0, 8)
   # Extended from the step-8 checkpoint: the 3rd evaluation (val 65) must not beat the restored best (70).
-  summary = train_loop.train_and_evaluate(tiny_config(max_steps=12, **overrides), workdir)
+  with caplog.at_level('INFO'):
+    summary = train_loop.train_and_evaluate(tiny_config(max_steps=12, **overrides), workdir)
   assert test_calls == [40, 40, 40]
+  # The console's last word leads with the figure selected on validation and names the test-selected one as such.
+  assert f'Finished at step 12: leader top-1 test at best val 40.00 (val 70.00), best test epoch 50.00, last 50.00 (' \
+      f'{workdir}/summary.json).' in [r.getMessage() for r in caplog.records]
+  (validation_line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith('validation (')][-1:]
+  assert validation_line.startswith('validation (20 held-out training images): top1/ensemble ')
+  assert validation_line.endswith(' | leader best val top1 70.00 (test top1 there 40.00)')
+  assert 'top1/leader 65.00' in validation_line and 'loss/' not in validation_line  # Top-1 only, as the test line.
   assert summary['step'] == 12 and summary['validation_examples'] == 20
   assert summary['best_val_top1'] == 70.0 and summary['test_top1_at_best_val'] == 40.0
   assert summary['best_leader_top1'] == 50.0 and summary['last_test_top1'] == summary['last_leader_top1'] == 50.0
