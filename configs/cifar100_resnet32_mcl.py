@@ -1,10 +1,9 @@
 """MCL(×2) (Yang et al., "Mutual Contrastive Learning for Visual Representation Learning", AAAI 2022) on CIFAR-100
 with ResNet-32, as the official README trains it (winycg/MCL, `python main_cifar.py --arch resnet32 --number-net 2
 --alpha 0.1 --gamma 1. --beta 0.1 --lam 1.`): 2 independent networks with 128-d embedding heads, τ = 0.1, T = 3;
-300 epochs, batch 128, SGD 0.1 (Nesterov momentum 0.9), weight decay 5e-4. The official learning rate follows a
-per-epoch cosine; this repository has no cosine schedule, so ×0.1 after epochs 150 and 225 (the official parser's
-`--lr-type multistep` milestones) stands in for it, and batches are drawn uniformly, not two images per class
-(docs/deviations.md, "Newcomer methods").
+300 epochs, batch 128, SGD 0.1 (Nesterov momentum 0.9), weight decay 5e-4, the official per-epoch cosine learning
+rate (`lr_schedule='cosine'`: 0.1 · ½(1 + cos(π·e/300)) in 0-based epoch e). Batches are drawn uniformly, not two
+images per class (docs/deviations.md, "Newcomer methods").
 
 Run:
   python main.py --config configs/cifar100_resnet32_mcl.py --workdir runs/cifar100_resnet32_mcl
@@ -13,7 +12,7 @@ Run:
 Expected: the MCL README (winycg/MCL) reports ResNet-32 on CIFAR-100 at 72.96 ± 0.28 for MCL(×2) and 74.04 ± 0.07 for
 MCL(×4) (three runs each, best network of each run). The number to compare is `best_leader_top1` in
 runs/.../summary.json (network 0, best-epoch test top-1); expect it somewhat below the README's, which take the best
-of the networks and train with the cosine schedule and the two-per-class sampler.
+of the networks and train with the two-per-class sampler.
 """
 
 from configs.default import get_config as get_default_config
@@ -32,6 +31,6 @@ def get_config():
   config.mcl_icl_weight = 0.1
   config.mcl_soft_icl_weight = 1.0
   config.num_epochs = 300
-  config.lr_boundaries = (150, 225)
+  config.lr_schedule = 'cosine'  # main_cifar.py's --lr-type default; `lr_boundaries` do not enter.
   config.weight_decay = 5e-4
   return config

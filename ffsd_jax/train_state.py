@@ -31,7 +31,7 @@ from ffsd_jax import methods
 
 # The ImageNet trainer's per-iteration warm-up covers epochs 1..4 (`epoch < 5`, 1-based), docs/method.md §8.3.
 IMAGENET_WARMUP_EPOCHS = 5
-LR_SCHEDULES = ('cifar', 'imagenet')
+LR_SCHEDULES = ('cifar', 'imagenet', 'cosine')
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 
@@ -130,6 +130,22 @@ def imagenet_network_schedule(base_lr: float, epoch_boundaries: tuple[int, ...],
   return schedule
 
 
+def epoch_cosine_schedule(base_lr: float, num_epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  """MCL's `--lr-type cosine` (winycg/MCL utils.adjust_lr), set once per epoch: base · ½(1 + cos(π·e / num_epochs)).
+
+  e = step // steps_per_epoch is the 0-based epoch, so the first epoch trains at `base_lr` and the last at
+  base · ½(1 + cos(π(E − 1)/E)); `lr_boundaries` and `lr_decay` do not enter.
+  """
+  if num_epochs < 1:
+    raise ValueError(f'config.num_epochs must be >= 1 for the cosine schedule, got {num_epochs}.')
+
+  def schedule(count):
+    epoch = (jnp.asarray(count, jnp.int32) // steps_per_epoch).astype(jnp.float32)
+    return jnp.asarray(base_lr, jnp.float32) * 0.5 * (1 + jnp.cos(jnp.pi * epoch / num_epochs))
+
+  return schedule
+
+
 def learning_rate_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict[str, optax.Schedule]:
   """The schedules by optimizer-step count: {'networks': students/leader/fusion SGD, 'decoders': decoder Adam}."""
   if steps_per_epoch < 1:
@@ -140,6 +156,8 @@ def learning_rate_schedules(config: ml_collections.ConfigDict, steps_per_epoch: 
     networks = multistep_schedule(config.learning_rate, boundaries, config.lr_decay, steps_per_epoch)
   elif config.lr_schedule == 'imagenet':
     networks = imagenet_network_schedule(config.learning_rate, boundaries, config.lr_decay, steps_per_epoch)
+  elif config.lr_schedule == 'cosine':
+    networks = epoch_cosine_schedule(config.learning_rate, int(config.num_epochs), steps_per_epoch)
   else:
     raise ValueError(f'Unknown lr_schedule {config.lr_schedule!r}; valid choices: {list(LR_SCHEDULES)}.')
   return {'networks': networks, 'decoders': decoders}

@@ -77,7 +77,7 @@ BAD_VALUES = [
     ({'lr_decay': math.nan}, 'lr_decay'),
     ({'method': 'ffs'}, 'method'),
     ({'compute_dtype': 'float16'}, 'compute_dtype'),
-    ({'lr_schedule': 'cosine'}, 'lr_schedule'),
+    ({'lr_schedule': 'linear'}, 'lr_schedule'),
     ({'dataset': 'cifar1000'}, 'dataset'),
     ({'normalization': 'cifar'}, 'normalization'),
     ({'model': 'resnet'}, 'model'),

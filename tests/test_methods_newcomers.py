@@ -357,7 +357,9 @@ STUDENTS = {'kdcl': 2, 'one': 3, 'pcl': 3, 'okddip': 2, 'mcl': 3}
 
 
 def _run_config(method: str):
-  return tiny_config(method=method, num_students=STUDENTS[method], max_steps=RUN_STEPS)
+  # MCL trains with its official per-epoch cosine learning rate, so its resume covers that schedule too.
+  schedule = {'lr_schedule': 'cosine'} if method == 'mcl' else {}
+  return tiny_config(method=method, num_students=STUDENTS[method], max_steps=RUN_STEPS, **schedule)
 
 
 def _train(method: str, tmp_path_factory) -> tuple[str, object, dict]:

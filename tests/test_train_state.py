@@ -53,9 +53,23 @@ def test_imagenet_schedule_matches_reference_rule():
   np.testing.assert_allclose(networks[4 * spe - 1], 0.1, rtol=1e-6)  # 1.0× on the last step of epoch 4.
 
 
+def test_cosine_schedule_matches_mcl_adjust_lr():
+  """MCL's utils.adjust_lr(lr_type='cosine'), called at the start of every 0-based epoch of `--epochs`."""
+  spe, epochs = 7, 13
+  config = _config(lr_schedule='cosine', num_epochs=epochs, lr_boundaries=(5, 9))  # Boundaries do not enter.
+  schedules = train_state.learning_rate_schedules(config, spe)
+  steps = np.random.default_rng(0).integers(0, epochs * spe, 40)
+  networks = np.asarray(jax.jit(jax.vmap(schedules['networks']))(steps))
+  expected = [0.1 * 0.5 * (1.0 + np.cos(np.pi * (step // spe) / epochs)) for step in steps]
+  np.testing.assert_allclose(networks, expected, rtol=1e-5)
+  ends = np.asarray(jax.vmap(schedules['networks'])(np.array([0, spe - 1, spe, epochs * spe - 1])))
+  np.testing.assert_allclose(ends, [0.1, 0.1, 0.1 * 0.5 * (1 + np.cos(np.pi / epochs)),
+                                    0.1 * 0.5 * (1 + np.cos(np.pi * (epochs - 1) / epochs))], rtol=1e-5)
+
+
 def test_bad_schedule_config():
-  with pytest.raises(ValueError, match="valid choices: \\['cifar', 'imagenet'\\]"):
-    train_state.learning_rate_schedules(_config(lr_schedule='cosine'), 10)
+  with pytest.raises(ValueError, match="valid choices: \\['cifar', 'imagenet', 'cosine'\\]"):
+    train_state.learning_rate_schedules(_config(lr_schedule='linear'), 10)
   with pytest.raises(ValueError, match='increasing'):
     train_state.learning_rate_schedules(_config(lr_boundaries=(225, 150)), 10)
   with pytest.raises(ValueError, match='steps_per_epoch'):
