@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Training examples per class held out (chosen from config.seed, never trained on) as a validation split that picks
   # the best checkpoint; 0: none, the best checkpoint is the best test epoch, as in the paper.
   config.validation_examples_per_class = 0
+  # Class-balanced batches: m > 0 puts batch_size / m classes in every batch, m examples of each (MCL's sampler, m = 2);
+  # 0: shuffled epochs.
+  config.batch_images_per_class = 0
 
   # Optimisation (docs/method.md §8).
   config.batch_size = 128  # Global batch over all devices and hosts.

@@ -61,6 +61,7 @@ OPTIMISATION_KEYS = frozenset({
     'compute_dtype', 'batch_norm_statistics', 'normalization', 'image_size', 'eval_resize_size',
     'synthetic_num_eval_examples',
     'validation_examples_per_class',  # Changes the training set and what the best checkpoint is selected on.
+    'batch_images_per_class',  # Changes which examples every batch holds.
     'kdcl_teacher', 'kdcl_kl_weight', 'kdcl_temperature', 'one_temperature', 'one_rampup_epochs',
     'pcl_temperature', 'pcl_ema_decay', 'pcl_rampup_epochs',
     'okddip_temperature', 'okddip_kl_weight', 'okddip_rampup_epochs',
@@ -111,6 +112,7 @@ _OPTIONAL_MIN_INTS = {
     'synthetic_num_train_examples': (1, 'set --config.synthetic_num_train_examples=50000'),
     'synthetic_num_eval_examples': (1, 'set --config.synthetic_num_eval_examples=10000'),
     'validation_examples_per_class': (0, 'set --config.validation_examples_per_class=0 (no validation split)'),
+    'batch_images_per_class': (0, 'set --config.batch_images_per_class=0 (uniform batches)'),
 }
 # key: (strictly positive?, fix). Float keys; NaN and inf are always rejected.
 _FLOATS = {

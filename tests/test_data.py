@@ -408,7 +408,7 @@ def test_imagenet_style_stream_is_in_order_and_resumes():
   config = _synthetic(n=40, image_size=72, num_classes=10)
   reader = data._plan(config).train_reader  # pylint: disable=protected-access
   layout = pipeline._Layout(40, 8, 0, 1)  # pylint: disable=protected-access
-  element_fn = pipeline._ImageNetTrainExample(reader, layout, 40, 0, 72)  # pylint: disable=protected-access
+  element_fn = pipeline._ImageNetTrainExample(reader, layout, pipeline.EpochOrder(40, 0), 0, 72)  # pylint: disable=protected-access
   expected = [element_fn(p) for p in range(8, 8 * 7)]  # Batches 1..6, across the epoch boundary (5 steps).
   for threads in (1, 3):
     stream = pipeline._grain_stream(element_fn, 8, 2**62, 8, num_workers=0, num_threads=threads)  # pylint: disable=protected-access

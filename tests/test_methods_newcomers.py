@@ -357,9 +357,10 @@ STUDENTS = {'kdcl': 2, 'one': 3, 'pcl': 3, 'okddip': 2, 'mcl': 3}
 
 
 def _run_config(method: str):
-  # MCL trains with its official per-epoch cosine learning rate, so its resume covers that schedule too.
-  schedule = {'lr_schedule': 'cosine'} if method == 'mcl' else {}
-  return tiny_config(method=method, num_students=STUDENTS[method], max_steps=RUN_STEPS, **schedule)
+  # MCL trains with its official per-epoch cosine learning rate and class-balanced batches (2 images of 8 classes),
+  # so its run and resume cover those too.
+  official = {'lr_schedule': 'cosine', 'batch_images_per_class': 2} if method == 'mcl' else {}
+  return tiny_config(method=method, num_students=STUDENTS[method], max_steps=RUN_STEPS, **official)
 
 
 def _train(method: str, tmp_path_factory) -> tuple[str, object, dict]:
@@ -382,6 +383,8 @@ def test_newcomer_run_lowers_the_loss_and_tracks_its_deployed_network(newcomer_r
   losses = [r['loss/total'] for r in records if 'loss/total' in r]
   assert len(losses) == RUN_STEPS // 2 and all(np.isfinite(losses))
   assert losses[-1] < losses[0]
+  if method == 'mcl':  # With class-balanced batches every anchor has a positive (deviations.md, "Newcomer methods").
+    assert [r['mcl/anchor_positive_rate'] for r in records if 'loss/total' in r] == [1.0] * (RUN_STEPS // 2)
   evals = [r for r in records if f'eval/top1/{deployed}' in r]
   assert len(evals) == 2
   assert summary['best_leader_top1'] == evals[-1][f'eval/best_top1/{deployed}']

@@ -8,6 +8,9 @@ Validation split (config.validation_examples_per_class = K > 0): K training exam
 config.seed (`sources.hold_out`), are left out of the training stream and read by `create_validation_batches` with the
 evaluation transforms; info.num_train_examples counts the examples left for training.
 
+Class-balanced batches (config.batch_images_per_class = m > 0, MCL's sampler): every global batch holds
+batch_size / m classes, m training examples of each (`pipeline.ClassBalancedOrder`); 0 keeps the shuffled epochs.
+
 Every problem with the data that a researcher can fix (missing or unprepared data, unreadable or wrong-size images,
 empty or mismatched class folders, a wrong num_classes) raises `errors.DataError` from `get_dataset_info`, before the
 training loop writes anything; its message is one line naming the problem, the path and the fix.
@@ -22,7 +25,7 @@ another name, e.g. 'cifar10_jpeg'), normalization ('cifar100' | 'cifar10' | 'ima
 only), synthetic_num_eval_examples, data_cache_dir (where decoded CIFAR-size arrays and image-check results are cached;
 default $XDG_CACHE_HOME/ffsd_jax/decoded, or <data_dir>/ffsd_decoded_cache for the TFDS datasets), eval_resize_size,
 skip_bad_images (image folders: leave unreadable files out instead of failing), allow_config_change (resume the
-training stream over a changed example count), validation_examples_per_class.
+training stream over a changed example count), validation_examples_per_class, batch_images_per_class.
 """
 
 from __future__ import annotations
@@ -281,7 +284,10 @@ def get_dataset_info(config) -> DatasetInfo:
   Raises:
     errors.DataError: the dataset cannot be read as configured (one line: the problem, the path and the fix).
   """
-  return _plan(config).info
+  info = _plan(config).info
+  pipeline.check_class_balance(int(config.get('batch_images_per_class') or 0), int(config.batch_size),
+                               info.num_classes)
+  return info
 
 
 def _eval_resize_size(config, image_size: int) -> int:
@@ -372,19 +378,26 @@ def create_train_iterator(config, *, global_batch_size: int, process_index: int,
   info = {'dataset': plan.info.name, 'global_batch_size': int(global_batch_size), 'process_index': int(process_index),
           'process_count': int(process_count), 'seed': int(seed), 'num_train_examples': plan.info.num_train_examples}
   allow_change = bool(config.get('allow_config_change', False))
+  per_class = int(config.get('batch_images_per_class') or 0)
   if plan.small:
     images, labels = _small_arrays(config, plan, 'train')
     if train_indices is not None:
       images, labels = images[train_indices], labels[train_indices]
     return pipeline.array_train_iterator(images, labels, global_batch_size=global_batch_size,
                                          process_index=process_index, process_count=process_count, seed=seed,
-                                         info=info, allow_layout_change=allow_change)
+                                         info=info, allow_layout_change=allow_change,
+                                         batch_images_per_class=per_class)
   reader = plan.train_reader if train_indices is None else sources.SubsetReader(plan.train_reader, train_indices)
+  order = None
+  if per_class:  # Class-balanced batches need every training label first (read once and cached for TFDS).
+    labels = sources.load_labels(config, plan.train_reader, dict(plan.cache_key, split='train'))
+    order = pipeline.training_order(labels if train_indices is None else labels[train_indices],
+                                    global_batch_size=global_batch_size, seed=seed, batch_images_per_class=per_class)
   return pipeline.grain_train_iterator(reader, plan.info.num_train_examples,
                                        image_size=plan.info.image_size, global_batch_size=global_batch_size,
                                        process_index=process_index, process_count=process_count, seed=seed,
                                        num_workers=num_workers(config), info=info,
-                                       allow_layout_change=allow_change)
+                                       allow_layout_change=allow_change, order=order)
 
 
 def create_eval_batches(config, *, global_batch_size: int, process_index: int, process_count: int

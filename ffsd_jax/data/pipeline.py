@@ -4,7 +4,9 @@ Order of examples: epoch e uses the permutation `default_rng([seed, e]).permutat
 takes permutation positions [s*G, (s+1)*G) (G = global batch; the last partial batch is dropped, so an epoch has
 N // G steps); process p takes the slice [p*L, (p+1)*L) of that global batch (L = G / process_count). Augmentation
 randomness is a function of (seed, epoch, global position) as well, so a global batch is the same whatever the number
-of processes. Batch k of the stream is therefore a pure function of k, and the iterator state is just k.
+of processes. Batch k of the stream is therefore a pure function of k, and the iterator state is just k. With
+class-balanced batches (`ClassBalancedOrder`, MCL's sampler) the permutation is replaced by a draw of classes and of
+examples within them from (seed, epoch, step); everything else, resume included, is the same.
 
 Resuming over a changed example set or global batch (N -> N', G -> G', only with allow_layout_change, i.e.
 --config.allow_config_change): the state k is kept and batch k is read from the new layout, i.e. epoch k // (N' //
@@ -32,6 +34,7 @@ from ffsd_jax.data import augment
 
 _PERMUTATION_STREAM = 0
 _AUGMENT_STREAM = 1
+_CLASS_BALANCED_STREAM = 3  # sources.py draws the validation split from stream 2.
 
 
 class IteratorStateError(errors.UserError, ValueError):
@@ -55,6 +58,57 @@ class EpochOrder:
       rng = np.random.default_rng([self.seed, _PERMUTATION_STREAM, epoch])
       self._epoch, self._permutation = epoch, rng.permutation(self.num_examples)
     return self._permutation
+
+  def indices(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """The examples at global `positions` of `epoch`."""
+    return self.permutation(epoch)[positions]
+
+
+def check_class_balance(per_class: int, global_batch: int, num_classes: int) -> None:
+  """Raises a one-line DataError unless a global batch splits into groups of `per_class` of distinct classes."""
+  if per_class and (global_batch % per_class or global_batch // per_class > num_classes):
+    fits = [m for m in range(1, global_batch + 1) if global_batch % m == 0 and global_batch // m <= num_classes]
+    raise errors.DataError(
+        f'config.batch_images_per_class={per_class}: a batch of {global_batch} must split into whole groups of '
+        f'{per_class} images of one class, at most one group per class ({num_classes} classes in the training set); '
+        f'set --config.batch_images_per_class to one of {", ".join(map(str, fits))} (0: shuffled epochs).')
+
+
+class ClassBalancedOrder:
+  """MCL's MPerClassSampler (winycg/MCL dataset/class_sampler.py, m = `per_class`) as a pure function of the seed.
+
+  Every global batch of G holds G / m classes drawn without replacement from the training set's classes, and m examples
+  of each, drawn without replacement within the class (with replacement when it has fewer than m); class by class, in
+  the drawn order. Each batch is drawn afresh, from (seed, epoch, step), so an epoch (N // G steps, as with the
+  permutation order) need not show every example once, as in the official sampler. Same interface as EpochOrder.
+  """
+
+  def __init__(self, labels: np.ndarray, per_class: int, global_batch: int, seed: int):
+    self._classes = np.unique(labels)
+    check_class_balance(per_class, global_batch, len(self._classes))
+    self._members = [np.flatnonzero(labels == c) for c in self._classes]
+    self._per_class, self._global_batch, self._seed = per_class, global_batch, seed
+    self._step, self._batch = None, None
+
+  def batch(self, epoch: int, step: int) -> np.ndarray:
+    """The G example indices of global batch `step` of `epoch`, class group by class group."""
+    if self._step != (epoch, step):
+      rng = np.random.default_rng([self._seed, _CLASS_BALANCED_STREAM, epoch, step])
+      chosen = rng.permutation(len(self._classes))[:self._global_batch // self._per_class]
+      groups = [rng.choice(self._members[c], self._per_class, replace=len(self._members[c]) < self._per_class)
+                for c in chosen]
+      self._step, self._batch = (epoch, step), np.concatenate(groups)
+    return self._batch
+
+  def indices(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """The examples at global `positions` of `epoch` (positions within one global batch or several)."""
+    positions = np.asarray(positions)
+    steps = positions // self._global_batch
+    out = np.empty(positions.shape, np.int64)
+    for step in np.unique(steps):
+      here = steps == step
+      out[here] = self.batch(epoch, int(step))[positions[here] % self._global_batch]
+    return out
 
 
 class _Layout:
@@ -238,18 +292,27 @@ def _count(start: int):
     k += 1
 
 
+def training_order(labels: np.ndarray, *, global_batch_size: int, seed: int,
+                   batch_images_per_class: int = 0) -> EpochOrder | ClassBalancedOrder:
+  """The order examples are trained in: epoch permutations, or class-balanced batches when batch_images_per_class > 0."""
+  if batch_images_per_class:
+    return ClassBalancedOrder(labels, batch_images_per_class, global_batch_size, seed)
+  return EpochOrder(len(labels), seed)
+
+
 def array_train_iterator(images: np.ndarray, labels: np.ndarray, *, global_batch_size: int, process_index: int,
                          process_count: int, seed: int, info: dict[str, Any], prefetch: int = 2,
-                         allow_layout_change: bool = False) -> ResumableIterator:
+                         allow_layout_change: bool = False, batch_images_per_class: int = 0) -> ResumableIterator:
   """CIFAR-style training batches from decoded arrays: gather, reflect-pad 4, random crop, flip; vectorised."""
   layout = _Layout(len(images), global_batch_size, process_index, process_count)
-  order = EpochOrder(len(images), seed)
+  order = training_order(labels, global_batch_size=global_batch_size, seed=seed,
+                         batch_images_per_class=batch_images_per_class)
   lock = threading.Lock()
 
   def make_batch(k: int) -> dict[str, np.ndarray]:
     epoch, positions = layout.batch_positions(k)
     with lock:
-      indices = order.permutation(epoch)[positions]
+      indices = order.indices(epoch, positions)
     # Draw the whole global batch's parameters and take this process's slice (process-count invariant).
     rng = np.random.default_rng([seed, _AUGMENT_STREAM, k])
     tops, lefts, flips = augment.cifar_augment_params(rng, layout.global_batch, images.shape[1])
@@ -264,16 +327,16 @@ def array_train_iterator(images: np.ndarray, labels: np.ndarray, *, global_batch
 class _ImageNetTrainExample:
   """Decodes and augments the example at one local stream position (runs in grain workers; picklable)."""
 
-  def __init__(self, reader, layout: _Layout, num_examples: int, seed: int, image_size: int):
+  def __init__(self, reader, layout: _Layout, order: EpochOrder | ClassBalancedOrder, seed: int, image_size: int):
     self._reader, self._layout, self._seed, self._size = reader, layout, seed, image_size
-    self._order = EpochOrder(num_examples, seed)
+    self._order = order
 
   def __call__(self, local_position: int) -> dict[str, np.ndarray]:
     layout = self._layout
     batch, j = divmod(int(local_position), layout.local_batch)
     epoch, positions = layout.batch_positions(batch)
     position = int(positions[j])
-    index = int(self._order.permutation(epoch)[position])
+    index = int(self._order.indices(epoch, np.asarray([position]))[0])
     image, label = self._reader.read(index)
     rng = np.random.default_rng([self._seed, _AUGMENT_STREAM, epoch, position])
     return {'image': augment.imagenet_train_transform(image, rng, self._size), 'label': np.int32(label)}
@@ -376,10 +439,14 @@ def _close_quietly(iterator) -> None:
 
 def grain_train_iterator(reader, num_examples: int, *, image_size: int, global_batch_size: int, process_index: int,
                          process_count: int, seed: int, num_workers: int, info: dict[str, Any],
-                         allow_layout_change: bool = False) -> ResumableIterator:
-  """ImageNet-style training batches: per-example PIL decode + RandomResizedCrop + flip in grain workers."""
+                         allow_layout_change: bool = False,
+                         order: EpochOrder | ClassBalancedOrder | None = None) -> ResumableIterator:
+  """ImageNet-style training batches: per-example PIL decode + RandomResizedCrop + flip in grain workers.
+
+  `order`: the training order (`training_order`); the epoch permutations of `num_examples` when None.
+  """
   layout = _Layout(num_examples, global_batch_size, process_index, process_count)
-  element_fn = _ImageNetTrainExample(reader, layout, num_examples, seed, image_size)
+  element_fn = _ImageNetTrainExample(reader, layout, order or EpochOrder(num_examples, seed), seed, image_size)
   local_batch = layout.local_batch
 
   def stream_factory(start_batch: int):
