@@ -688,7 +688,8 @@ def markdown_tables(rows: Sequence[GroupRow]) -> str:
            f'evaluation with the best validation top-1 ("{BEST_VAL_COLUMN}"; runs with '
            'config.validation_examples_per_class > 0 only), an unbiased estimate.', '']
   header = ['config', 'method', 'network', 'seeds', 'finished', 'steps', BEST_TEST_COLUMN, LAST_TEST_COLUMN,
-            BEST_VAL_COLUMN, TEST_AT_BEST_VAL_COLUMN, 'best per seed', 'last per seed', 'wall time']
+            BEST_VAL_COLUMN, TEST_AT_BEST_VAL_COLUMN, 'best per seed', 'last per seed', 'test at best val per seed',
+            'wall time']
   body = []
   for row in rows:
     seeds = ' '.join('?' if s is None else str(s) for s in row.seeds)
@@ -696,8 +697,8 @@ def markdown_tables(rows: Sequence[GroupRow]) -> str:
                  f'{row.statuses.count(FINISHED)}/{len(row.seeds)}', _format_steps(row.steps),
                  _format_mean_std(row.best_top1), _format_mean_std(row.last_top1),
                  _format_mean_std(row.best_val_top1), _format_mean_std(row.test_top1_at_best_val),
-                 _format_values(row.best_top1),
-                 _format_values(row.last_top1), _format_duration(mean_std(row.wall_time_s)[0])])
+                 _format_values(row.best_top1), _format_values(row.last_top1),
+                 _format_values(row.test_top1_at_best_val), _format_duration(mean_std(row.wall_time_s)[0])])
   lines += markdown_table(header, body) + ['', _wall_time_note(rows), '']
   networks = sorted({n for row in rows for n in row.last_eval}, key=network_sort_key)
   # Before any evaluation there is no network to show: one column of MISSING keeps the table well formed.

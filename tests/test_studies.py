@@ -84,7 +84,7 @@ def test_aggregate_three_finished_seeds_gives_exact_mean_and_sample_std(study_ro
   table = studies.markdown_tables(rows)
   assert ('| cifar | ffsd | leader | 0 1 2 | 3/3 | 8/8 | 72.00 ± 2.00 | 71.00 ± 2.65 | – | – '
           '| 70.00, 72.00, 74.00 ') in table
-  assert '| 69.00, 70.00, 74.00 | 0:03:20 |' in table  # Mean wall time 200 s.
+  assert '| 69.00, 70.00, 74.00 | –, –, – | 0:03:20 |' in table  # No validation split; mean wall time 200 s.
   assert '| cifar | ffsd | 62.00 ± 2.65 | 51.00 ± 1.00 | 71.00 ± 2.65 | 80.00 ± 0.00 | 76.00 ± 1.00 |' in table
   assert '| cifar | dml | 66.50 ± 0.71 | 65.50 ± 0.71 | – | – | – |' in table
   assert 'ddof=1' in table and '3 runs from metrics.jsonl time' in table and '2 unknown' in table
@@ -397,6 +397,7 @@ def test_validation_columns_are_aggregated_exactly(tmp_path):
   assert (f'| {studies.BEST_TEST_COLUMN} | {studies.LAST_TEST_COLUMN} | {studies.BEST_VAL_COLUMN} | '
           f'{studies.TEST_AT_BEST_VAL_COLUMN} |') in table
   assert f'| 82.00 ± 2.00 (n=3) | {209 / 3:.2f} ± {math.sqrt(7 / 3):.2f} (n=3) |' in table
+  assert '| 70.00, 70.00, 74.00, 70.00 | 68.00, 70.00, 71.00, – |' in table  # Last, then test at best val, per seed.
   assert 'best test epoch (selected on the test set' in table
   with open(studies.write_csv([row], str(tmp_path / 'r.csv'))) as f:
     (csv_row,) = list(csv.DictReader(f))

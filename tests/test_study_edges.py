@@ -160,7 +160,8 @@ def test_study_stopped_before_any_eval_prints_well_formed_tables(tmp_path):
   header = main_table[0]
   values = dict(zip(header, main_table[2]))
   assert [values[k] for k in (studies.BEST_TEST_COLUMN, studies.LAST_TEST_COLUMN, studies.BEST_VAL_COLUMN,
-                              studies.TEST_AT_BEST_VAL_COLUMN, 'best per seed', 'last per seed')] == ['–'] * 6
+                              studies.TEST_AT_BEST_VAL_COLUMN, 'best per seed', 'last per seed',
+                              'test at best val per seed')] == ['–'] * 7
   assert values['steps'] == '2/8' and values['finished'] == '0/1'
   assert networks_table[2][2:] == ['–'] and len(networks_table[0]) == 3
   with open(tmp_path / 'r.csv') as f:
