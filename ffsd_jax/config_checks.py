@@ -112,7 +112,7 @@ _OPTIONAL_MIN_INTS = {
     'synthetic_num_train_examples': (1, 'set --config.synthetic_num_train_examples=50000'),
     'synthetic_num_eval_examples': (1, 'set --config.synthetic_num_eval_examples=10000'),
     'validation_examples_per_class': (0, 'set --config.validation_examples_per_class=0 (no validation split)'),
-    'batch_images_per_class': (0, 'set --config.batch_images_per_class=0 (uniform batches)'),
+    'batch_images_per_class': (0, 'set --config.batch_images_per_class=0 (shuffled epochs)'),
 }
 # key: (strictly positive?, fix). Float keys; NaN and inf are always rejected.
 _FLOATS = {

@@ -79,8 +79,8 @@ class ClassBalancedOrder:
 
   Every global batch of G holds G / m classes drawn without replacement from the training set's classes, and m examples
   of each, drawn without replacement within the class (with replacement when it has fewer than m); class by class, in
-  the drawn order. Each batch is drawn afresh, from (seed, epoch, step), so an epoch (N // G steps, as with the
-  permutation order) need not show every example once, as in the official sampler. Same interface as EpochOrder.
+  the drawn order. Each batch is drawn afresh, from (seed, epoch, step), so, as with the official sampler, an epoch
+  (N // G steps, as with the permutation order) need not show every example once. Same interface as EpochOrder.
   """
 
   def __init__(self, labels: np.ndarray, per_class: int, global_batch: int, seed: int):
