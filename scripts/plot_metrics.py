@@ -207,7 +207,8 @@ def headline_figure(runs: Sequence[studies.RunResult], out: str) -> dict[str, di
       if label not in labels:
         handles.append(line)
         labels.append(label)
-    ax.set(title=f'{name + ": " if name else ""}test top-1 (%), mean and min–max over seeds', xlabel='epoch')
+    # Config name and measure on two lines: one line of a long config name runs into the legend beside the panel.
+    ax.set(title=f'{name + chr(10) if name else ""}test top-1 (%), mean and min–max over seeds', xlabel='epoch')
     ax.grid(alpha=0.3)
   _legend_outside(fig, handles, labels)
   _save(fig, out)
