@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ffsd_jax import errors
+from ffsd_jax import methods
 
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'checkpoints_best'
@@ -422,6 +423,15 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return _orbax_restore(manager, step, ocp.args.Composite(config=ocp.args.JsonRestore()), _UNREADABLE)['config']
 
 
+def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{key: (saved, current)} of the ARCHITECTURE_KEYS that differ, less another method's own keys ('<name>_...'):
+  those do not shape this method's networks, and a checkpoint written before they existed lacks them."""
+  method = current.get('method')
+  return {k: (saved.get(k), current.get(k)) for k in ARCHITECTURE_KEYS
+          if saved.get(k) != current.get(k) and not (saved.get('method') == method and
+                                                     methods.is_other_methods_key(k, method))}
+
+
 def check_architecture(manager: ocp.CheckpointManager, step: int,
                        config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Verifies the files of the checkpoint at `step`, then fails when it was written for another architecture.
@@ -435,7 +445,7 @@ def check_architecture(manager: ocp.CheckpointManager, step: int,
   """
   saved = saved_config(manager, step)
   current = config_to_json(config)
-  differing = {k: (saved.get(k), current.get(k)) for k in ARCHITECTURE_KEYS if saved.get(k) != current.get(k)}
+  differing = architecture_differences(saved, current)
   if differing:
     details = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in differing.items())
     raise ArchitectureError(

@@ -42,7 +42,9 @@ USAGE_EXIT_CODE = 2
 # and caches live, worker and runtime settings.
 FREE_KEYS = frozenset({
     'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
-    'num_epochs', 'max_steps',  # Extending a run: the lr boundaries are absolute epochs, not fractions of the run.
+    # Extending a run: the lr boundaries are absolute epochs, not fractions of the run (under lr_schedule='cosine',
+    # which anneals over num_epochs, config_changes counts num_epochs as an optimisation change).
+    'num_epochs', 'max_steps',
     'data_dir', 'image_folder', 'data_cache_dir', 'num_data_workers',
     'distributed', 'cpu_library_fusions', 'allow_config_change',
     'network_parallelism',  # The mesh shape: the same training; checkpoints hold each network (docs/architecture.md).
@@ -77,6 +79,10 @@ CHECKED_ELSEWHERE_KEYS = frozenset({
     'dataset', 'tfds_name', 'batch_size', 'seed', 'synthetic_num_train_examples',
 })
 FREE, OPTIMISATION, CHECKED_ELSEWHERE = 'free', 'optimisation', 'checked_elsewhere'
+# Keys the code gained after runs may have been checkpointed, with the value that computes what the code did before
+# they existed: a resume after an upgrade that finds one added at that value changes nothing.
+NEUTRAL_WHEN_ADDED = {'validation_examples_per_class': 0, 'batch_images_per_class': 0,
+                      'batch_norm_statistics': 'global', 'network_parallelism': 1}
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -454,6 +460,7 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
   'kind': FREE|OPTIMISATION|CHECKED_ELSEWHERE}. Nested groups are compared key by key ('group.key').
   """
   old, new = _flatten(saved), _flatten(current)
+  method = new.get('method')
   changes = []
   for key in sorted(old.keys() | new.keys()):
     if key in old and key in new:
@@ -465,6 +472,12 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     else:
       change = {'key': key, 'change': 'removed', 'old': old[key]}
     change['kind'] = key_kind(key)
+    if methods.is_other_methods_key(key, method) and old.get('method') == method:
+      change['kind'] = FREE  # Another method's key (e.g. mcl_temperature in an FFSD run) does not enter this run.
+    elif change['change'] == 'added' and key in NEUTRAL_WHEN_ADDED and new[key] == NEUTRAL_WHEN_ADDED[key]:
+      change['kind'] = FREE
+    elif key == 'num_epochs' and 'cosine' in (old.get('lr_schedule'), new.get('lr_schedule')):
+      change['kind'] = OPTIMISATION  # The cosine schedule anneals over num_epochs: a longer run changes every lr.
     changes.append(change)
   return changes
 

@@ -247,6 +247,36 @@ def test_check_resume_config_lets_free_and_elsewhere_checked_changes_through():
     config_checks.check_resume_config(saved, current, allow_change=False)
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_when_the_key_changes_nothing():
+  """An upgrade mid-run: keys added since the checkpoint at their neutral value, and another method's keys, are free;
+  the same keys at another value, or the method's own new key, still need allow_config_change."""
+  current = checkpointing.config_to_json(smoke())  # FFSD.
+  added = ('validation_examples_per_class', 'batch_images_per_class', 'batch_norm_statistics', 'mcl_embedding_dim',
+           'okddip_temperature', 'kdcl_teacher')
+  saved = {k: v for k, v in _saved_json(smoke()).items() if k not in added}
+  assert [(c['key'], c['kind']) for c in config_checks.check_resume_config(saved, current, allow_change=False)] == [
+      (key, 'free') for key in sorted(added)]
+  assert checkpointing.architecture_differences(saved, current) == {}  # mcl_embedding_dim is MCL's, not FFSD's.
+  with pytest.raises(config_checks.ConfigChangeError, match=r'config\.batch_images_per_class: absent in the '
+                     r'checkpoint, 2 now'):
+    config_checks.check_resume_config(saved, dict(current, batch_images_per_class=2), allow_change=False)
+  mcl = checkpointing.config_to_json(smoke(method='mcl'))
+  mcl_saved = {k: v for k, v in mcl.items() if k != 'mcl_embedding_dim'}
+  assert checkpointing.architecture_differences(mcl_saved, mcl) == {'mcl_embedding_dim': (None, 128)}
+  with pytest.raises(config_checks.ConfigChangeError, match=r'mcl_temperature'):
+    config_checks.check_resume_config(mcl, dict(mcl, mcl_temperature=4.0), allow_change=False)
+
+
+def test_a_longer_run_under_the_cosine_schedule_is_an_optimisation_change():
+  saved = checkpointing.config_to_json(smoke(lr_schedule='cosine'))
+  longer = dict(saved, num_epochs=saved['num_epochs'] + 1)
+  with pytest.raises(config_checks.ConfigChangeError, match=r'config\.num_epochs: 2 in the checkpoint, 3 now'):
+    config_checks.check_resume_config(saved, longer, allow_change=False)
+  step = checkpointing.config_to_json(smoke())  # The step schedule's boundaries are absolute epochs: free.
+  assert [c['kind'] for c in config_checks.check_resume_config(
+      step, dict(step, num_epochs=step['num_epochs'] + 1), allow_change=False)] == ['free']
+
+
 def test_record_config_changes_appends_one_line_per_resume(tmp_path):
   config_checks.record_config_changes(str(tmp_path), 10, [])
   assert not (tmp_path / config_checks.CONFIG_CHANGES_FILE).exists()  # Nothing changed: nothing written.

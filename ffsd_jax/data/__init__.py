@@ -389,8 +389,8 @@ def create_train_iterator(config, *, global_batch_size: int, process_index: int,
                                          batch_images_per_class=per_class)
   reader = plan.train_reader if train_indices is None else sources.SubsetReader(plan.train_reader, train_indices)
   order = None
-  if per_class:  # Class-balanced batches need every training label first (read once and cached for TFDS).
-    labels = sources.load_labels(config, plan.train_reader, dict(plan.cache_key, split='train'))
+  if per_class:  # Class-balanced batches need every training label first.
+    labels = _training_labels(config, plan)
     order = pipeline.training_order(labels if train_indices is None else labels[train_indices],
                                     global_batch_size=global_batch_size, seed=seed, batch_images_per_class=per_class)
   return pipeline.grain_train_iterator(reader, plan.info.num_train_examples,
@@ -416,16 +416,20 @@ def create_eval_batches(config, *, global_batch_size: int, process_index: int, p
   return pipeline.GrainEvalBatches(plan.eval_reader, layout, size, resize_size, num_workers(config))
 
 
+def _training_labels(config, plan: _Plan) -> np.ndarray:
+  """Every label of the training split, held-out examples included (read once and cached for TFDS)."""
+  if plan.small:
+    return _small_arrays(config, plan, 'train')[1]
+  return sources.load_labels(config, plan.train_reader, dict(plan.cache_key, split='train'))
+
+
 @functools.lru_cache(maxsize=4)
 def _split_cached(config: _FrozenConfig) -> tuple[np.ndarray | None, np.ndarray | None, Any]:
   plan = _plan_cached(config)
   per_class = validation_per_class(config)
   if not per_class:
     return None, None, None
-  if plan.small:
-    labels = _small_arrays(config, plan, 'train')[1]
-  else:
-    labels = sources.load_labels(config, plan.train_reader, dict(plan.cache_key, split='train'))
+  labels = _training_labels(config, plan)
   train, validation = sources.hold_out(labels, per_class, plan.info.num_classes, int(config.get('seed', 0)))
   # One reader object per split, so that the evaluation workers kept between passes are reused (pipeline.py).
   return train, validation, sources.SubsetReader(plan.train_reader, validation)

@@ -35,6 +35,13 @@ def method_class(name: str) -> type[Method]:
   return _REGISTRY[name]
 
 
+def is_other_methods_key(key: str, method: str | None) -> bool:
+  """Whether config key `key` (possibly dotted) is another method's own, named '<name>_...' after a registered method
+  other than `method` (e.g. 'mcl_embedding_dim' for an FFSD run): its value does not enter a `method` run."""
+  head = key.split('.', 1)[0]
+  return any(head.startswith(f'{name}_') for name in _REGISTRY if name != method)
+
+
 def get_method(config: ml_collections.ConfigDict) -> Method:
   """The method object of `config.method`, built from `config`."""
   return method_class(config.method)(config)
